@@ -36,7 +36,9 @@ class Registry(Generic[T]):
     def register_lazy(self, name: str, target: str) -> None:
         """Register `target` (``"package.module:attr"``), imported on first `get`."""
         if ":" not in target:
-            raise ValueError(f"lazy {self.kind} target must look like 'module:attr', got {target!r}")
+            raise ValueError(
+                f"lazy {self.kind} target must look like 'module:attr', got {target!r}"
+            )
         self._add(name, target)
 
     def _add(self, name: str, obj: T | str) -> None:
@@ -57,7 +59,7 @@ class Registry(Generic[T]):
             resolved = self._entries[name]
             entry = getattr(module, attr) if isinstance(resolved, str) else resolved
             self._entries[name] = entry
-        return entry  # type: ignore[return-value]
+        return entry
 
     def names(self) -> list[str]:
         """The registered names, sorted."""

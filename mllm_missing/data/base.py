@@ -13,13 +13,13 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mllm_missing.errors import DataFormatError
+from mllm_missing.errors import ConfigError, DataFormatError
 from mllm_missing.types import Modality
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def iter_jsonl(path: Path, report: SkipReport) -> Iterator[tuple[int, dict[str, 
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The package cache folder: `cache_dir`, else $MLLM_MISSING_CACHE, else ~/.cache/mllm_missing."""
+    """The cache folder: `cache_dir`, else $MLLM_MISSING_CACHE, else ~/.cache/mllm_missing."""
     if cache_dir is not None:
         return Path(cache_dir)
     env = os.environ.get("MLLM_MISSING_CACHE")
@@ -211,3 +211,88 @@ def require_labels(dataset: datasets.Dataset, what: str) -> None:
         raise DataFormatError(
             f"{what} has no labels: it can be used for prediction, not for scoring"
         )
+
+
+def choose(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """Return `value` as a str if it is one of `allowed`, else raise `ConfigError` listing them."""
+    if isinstance(value, Enum):
+        value = value.value
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def parse_on_error(value: str | OnError) -> OnError:
+    """Parse a loader's `on_error` option, raising `ConfigError` (not a data error) when wrong."""
+    return OnError(choose("on_error", value, [e.value for e in OnError]))
+
+
+def make_dataset(
+    columns: dict[str, list[Any]],
+    features: datasets.Features,
+    report: SkipReport,
+    meta: dict[str, Any] | None = None,
+) -> datasets.Dataset:
+    """Build a dataset whose info keeps the skipped records (and `meta`) through the cache.
+
+    Image columns should be declared as ``Value("string")`` paths here and turned into lazily
+    decoded images by `finish_dataset` after caching, so the cache stores paths, not image bytes
+    (``save_to_disk`` would embed every image file otherwise).
+    """
+    import datasets
+
+    payload = {**(meta or {}), "skipped": [list(item) for item in report.skipped]}
+    info = datasets.DatasetInfo(description=json.dumps(payload), features=features)
+    return datasets.Dataset.from_dict(columns, features=features, info=info)
+
+
+def dataset_meta(dataset: datasets.Dataset) -> dict[str, Any]:
+    """The metadata `make_dataset` stored in `dataset` (empty when there is none)."""
+    try:
+        meta = json.loads(dataset.info.description or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def skipped_records(dataset: datasets.Dataset) -> list[tuple[str, str]]:
+    """The (where, reason) of every record skipped when `dataset` was built."""
+    return [(str(where), str(reason)) for where, reason in dataset_meta(dataset).get("skipped", [])]
+
+
+def finish_dataset(
+    dataset: datasets.Dataset, what: str, image_columns: Sequence[str] = ("image",)
+) -> datasets.Dataset:
+    """Cast image path columns to lazily decoded `datasets.Image` and log skipped records, if any.
+
+    Args:
+        dataset: a dataset from `cached_dataset` built with `make_dataset`.
+        what: the name used in the log line, e.g. ``"mmimdb train"``.
+        image_columns: columns holding image file paths (missing ones are ignored).
+    """
+    import datasets
+
+    for column in image_columns:
+        if column in dataset.column_names:
+            dataset = dataset.cast_column(column, datasets.Image())
+    skipped = skipped_records(dataset)
+    if skipped:
+        logger.warning("%s: %d sample(s) skipped (first: %s: %s)", what, len(skipped), *skipped[0])
+    return dataset
+
+
+def labelled_all_or_none(records: Sequence[tuple[str, bool]]) -> bool:
+    """Whether every record has a label; raise when only some do.
+
+    Args:
+        records: (where, has a label) per record, in file order; ``where`` names the file and line.
+
+    Raises:
+        DataFormatError: naming the first record whose label presence differs from the first's.
+    """
+    first = bool(records) and records[0][1]
+    for where, has_label in records:
+        if has_label != first:
+            detail = "has no label, but earlier" if first else "has a label, but no earlier"
+            raise DataFormatError(f"{where}: {detail} record does; label every record or none")
+    return first

@@ -1,0 +1,1 @@
+"""Methods that make a frozen model robust to missing modalities, one folder per family."""

@@ -1,0 +1,34 @@
+"""Configuration of a fusion module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mllm_missing.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How per-modality embeddings are combined.
+
+    Args:
+        method: a name registered in `FUSIONS` (``concat``...).
+        hidden_size: width each modality is projected to before fusion.
+        dropout: dropout on the fused representation.
+    """
+
+    method: str = "concat"
+    hidden_size: int = 256
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        from mllm_missing.strategies.fusion.module import FUSIONS
+
+        if self.method not in FUSIONS:
+            raise ConfigError(
+                f"fusion.method must be one of {', '.join(FUSIONS.names())}; got {self.method!r}"
+            )
+        if self.hidden_size <= 0:
+            raise ConfigError(f"fusion.hidden_size must be positive; got {self.hidden_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"fusion.dropout must be in [0, 1); got {self.dropout}")
