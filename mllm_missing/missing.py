@@ -99,6 +99,17 @@ class MissingConfig:
             raise ConfigError(f"missing rate in {spec!r} is not a number") from None
         return cls(type=kind, rate=value, seed=seed)
 
+    def describe(self) -> str:
+        """Human-readable setting, e.g. ``missing-both 70% (35% lose text, 35% lose image)``."""
+        kind = MissingType(self.type)
+        text = f"missing-{kind.value} {self.rate:.0%}"
+        if kind is MissingType.BOTH and self.rate > 0:
+            lose_text = self.rate * self.both_ratio
+            text += f" ({lose_text:.0%} lose text, {self.rate - lose_text:.0%} lose image)"
+        elif kind is MissingType.ANY:
+            text += " per modality"
+        return text
+
     @property
     def slug(self) -> str:
         """File-name-safe name of this setting, e.g. ``both-0.70-b0.50-s0``."""

@@ -29,6 +29,7 @@ from mllm_missing.heads import (
     PatternRoutedHead,
     task_loss,
 )
+from mllm_missing.metrics import accuracy, bootstrap_ci
 from mllm_missing.missing import MissingConfig, MissingType, get_mask_table
 from mllm_missing.report import write_results
 from mllm_missing.strategies.fusion import FusionConfig, build_fusion
@@ -221,14 +222,20 @@ def _train(
 
 
 @torch.inference_mode()
-def _accuracy(model: EmbeddingClassifier, data: _Split, presence: torch.Tensor) -> float:
+def _predict(model: EmbeddingClassifier, data: _Split, presence: torch.Tensor) -> torch.Tensor:
     model.eval()
     inputs = _masked(data, presence)
-    correct = 0
+    predictions = []
     for rows in torch.arange(len(data.labels)).split(4096):
         logits = model({m: x[rows] for m, x in inputs.items()}, presence[rows])
-        correct += int((logits.argmax(-1) == data.labels[rows]).sum())
-    return correct / len(data.labels)
+        predictions.append(logits.argmax(-1))
+    return torch.cat(predictions)
+
+
+def _score(labels: torch.Tensor, predictions: torch.Tensor, seed: int) -> dict[str, Any]:
+    y_true, y_pred = labels.numpy(), predictions.numpy()
+    low, high = bootstrap_ci(accuracy, y_true, y_pred, n_resamples=300, seed=seed)
+    return {"value": accuracy(y_true, y_pred), "ci95": [low, high]}
 
 
 def _test_settings(config: QuickstartConfig) -> list[MissingConfig]:
@@ -281,12 +288,13 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
             "trainable_parameters": trainable,
         }
         for setting in settings:
+            presence = test_presence[setting.slug]
             rows.append(
                 {
                     "method": method,
                     "missing_type": MissingType(setting.type).value,
                     "missing_rate": setting.rate,
-                    "value": _accuracy(model, test, test_presence[setting.slug]),
+                    **_score(test.labels, _predict(model, test, presence), config.seed),
                 }
             )
     results = {
@@ -294,7 +302,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
         "metric": TASK.metric,
         "config": asdict(config),
         "train_missing": asdict(train_missing),
-        "train_label": f"{train_missing.slug.split('-s')[0]} missing",
+        "train_label": train_missing.describe(),
         "samples": {"train": len(train.labels), "test": len(test.labels)},
         "encoders": {k: e.name for k, e in encoders.items()},
         "training": training,

@@ -87,7 +87,7 @@ def load_feature_table(path: str | Path) -> FeatureTable:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             features = handle.get_tensor("features")
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # safetensors raises its own error type for a corrupt header
         raise DataFormatError(f"{path}: not a readable feature table ({exc})") from exc
     if "keys" not in metadata:
         raise DataFormatError(f"{path}: feature table has no keys")

@@ -107,7 +107,9 @@ class FrozenTextEncoder(nn.Module):
         super().__init__()
         self.model: Any = _freeze(model)
         self.name = name
-        self.dim = int(model.get_sentence_embedding_dimension())
+        dimension = getattr(model, "get_embedding_dimension", None)
+        dimension = dimension or model.get_sentence_embedding_dimension
+        self.dim = int(dimension())
 
     def train(self, mode: bool = True) -> FrozenTextEncoder:
         """Keep the frozen model in eval mode whatever the caller asks."""
