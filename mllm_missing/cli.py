@@ -10,56 +10,59 @@ from typing import Any
 
 from mllm_missing.errors import MllmMissingError
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+# Flags of `quickstart`: (flag, QuickstartConfig field, type, help).
+_QUICKSTART_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--output-dir", "output_dir", str, "where results go (default runs/quickstart)"),
+    ("--cache-dir", "cache_dir", str, "dataset/feature cache (default ~/.cache/mllm_missing)"),
+    ("--train-missing", "train_missing", str, "missing setting at train time, TYPE:RATE"),
+    ("--epochs", "epochs", int, "training epochs per method"),
+    ("--batch-size", "batch_size", int, "training batch size"),
+    ("--lr", "lr", float, "learning rate"),
+    ("--image-size", "image_size", int, "image encoder resolution"),
+    ("--seed", "seed", int, "seed of masks and training"),
+    ("--limit-train", "limit_train", int, "use only the first N training questions"),
+    ("--limit-test", "limit_test", int, "use only the first N test questions"),
+    ("--threads", "threads", int, "torch CPU threads (0: torch's default)"),
+]
 
 
 def _add_quickstart(subparsers: Any) -> None:
-    from mllm_missing.quickstart import QuickstartConfig
-
-    defaults = QuickstartConfig()
     parser = subparsers.add_parser(
         "quickstart",
         help="train and evaluate on easy-VQA with the offline default encoders",
         description="Train small heads over frozen EfficientNet-Lite0 + MiniLM on easy-VQA with "
         "missing modalities, evaluate at several test missing rates, write results.json, "
-        "results.md and a plot.",
+        "results.md and a plot. Settings come from the defaults, then --config, then flags and "
+        "key=value overrides.",
     )
-    parser.add_argument("--output-dir", default=defaults.output_dir)
-    parser.add_argument("--cache-dir", default=None, help="default: ~/.cache/mllm_missing")
-    parser.add_argument("--train-missing", default=defaults.train_missing, help="TYPE:RATE")
-    parser.add_argument("--methods", nargs="+", default=list(defaults.methods))
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--limit-train", type=int, default=None)
-    parser.add_argument("--limit-test", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--config", default=None, help="YAML file of QuickstartConfig fields")
+    for flag, _, kind, text in _QUICKSTART_FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument("--methods", nargs="+", default=None, help="ways of handling absence")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="any config field")
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
+    from mllm_missing.config import load_config, parse_overrides
     from mllm_missing.quickstart import QuickstartConfig, run_quickstart
     from mllm_missing.report import summary_table
 
-    config = QuickstartConfig(
-        train_missing=args.train_missing,
-        methods=tuple(args.methods),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        image_size=args.image_size,
-        seed=args.seed,
-        limit_train=args.limit_train,
-        limit_test=args.limit_test,
-        output_dir=args.output_dir,
-        cache_dir=args.cache_dir,
-        threads=args.threads,
-    )
+    overrides: dict[str, Any] = {
+        field: getattr(args, flag[2:].replace("-", "_"))
+        for flag, field, _, _ in _QUICKSTART_FLAGS
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    }
+    if args.methods is not None:
+        overrides["methods"] = list(args.methods)
+    overrides.update(parse_overrides(args.overrides))
+    config = load_config(QuickstartConfig, args.config, overrides)
     results = run_quickstart(config)
     print(f"\neasy-VQA test accuracy, heads trained with {results['train_label']}:\n")
     print(summary_table(results))
-    print(f"\n{results['samples']['train']} train / {results['samples']['test']} test questions; ")
+    samples = results["samples"]
+    print(f"\n{samples['train']} train / {samples['test']} test questions; ", end="")
     print(f"finished in {results['seconds']['total']:.0f} s; results in {config.output_dir}/")
     return 0
 

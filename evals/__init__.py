@@ -1,0 +1,1 @@
+"""Benchmark tasks under missing modalities (MM-IMDb, Hateful Memes, easy-VQA)."""

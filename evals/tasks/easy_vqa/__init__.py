@@ -1,0 +1,1 @@
+"""easy-VQA evaluation task."""

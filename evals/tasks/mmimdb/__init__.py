@@ -1,0 +1,1 @@
+"""MM-IMDb evaluation task."""
