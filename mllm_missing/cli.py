@@ -44,6 +44,60 @@ def _add_quickstart(subparsers: Any) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="any config field")
 
 
+_PREPARE = {
+    "mmimdb": ("mllm_missing.data.mmimdb:prepare_mmimdb", "folder holding split.json and dataset/"),
+    "hateful_memes": (
+        "mllm_missing.data.hateful_memes:prepare_hateful_memes",
+        "folder holding the five split .jsonl files and img/",
+    ),
+}
+
+
+def _add_prepare(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="validate and cache a raw MM-IMDb or Hateful Memes download",
+        description="Build and cache every split of a dataset from its official files and print "
+        "the sample and skipped-record counts per split.",
+    )
+    parser.add_argument("dataset", choices=sorted(_PREPARE))
+    parser.add_argument("root", help="; ".join(f"{k}: {v[1]}" for k, v in _PREPARE.items()))
+    parser.add_argument(
+        "--text-mode",
+        choices=("movie", "plot"),
+        default=None,
+        help="mmimdb only: one sample per movie (default) or per (movie, plot) pair",
+    )
+    parser.add_argument(
+        "--on-error",
+        choices=("stop", "skip"),
+        default="stop",
+        help="stop at the first bad record (default) or skip bad records and count them",
+    )
+    parser.add_argument("--cache-dir", default=None, help="default ~/.cache/mllm_missing")
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    import importlib
+
+    from mllm_missing.data.base import skipped_records
+    from mllm_missing.errors import ConfigError
+
+    target, _ = _PREPARE[args.dataset]
+    module, _, name = target.partition(":")
+    prepare = getattr(importlib.import_module(module), name)
+    options: dict[str, Any] = {"on_error": args.on_error, "cache_dir": args.cache_dir}
+    if args.text_mode is not None:
+        if args.dataset != "mmimdb":
+            raise ConfigError("--text-mode applies to mmimdb only")
+        options["text_mode"] = args.text_mode
+    for split, dataset in prepare(args.root, **options).items():
+        labels = "labelled" if "label" in dataset.column_names else "no labels"
+        skipped = len(skipped_records(dataset))
+        print(f"{split}: {len(dataset)} samples ({labels}), {skipped} bad records skipped")
+    return 0
+
+
 def _run_quickstart(args: argparse.Namespace) -> int:
     from mllm_missing.config import load_config, parse_overrides
     from mllm_missing.quickstart import QuickstartConfig, run_quickstart
@@ -75,11 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_prepare(subparsers)
     _add_quickstart(subparsers)
     return parser
 
 
-_COMMANDS = {"quickstart": _run_quickstart}
+_COMMANDS = {"prepare": _run_prepare, "quickstart": _run_quickstart}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

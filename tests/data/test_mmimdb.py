@@ -208,7 +208,7 @@ def test_prepare_script(
     bad = start_script(repo_root, str(broken), "--cache-dir", str(cache))
     out, err = good.communicate(timeout=120)
     assert good.returncode == 0, err
-    assert "train: 6 samples, 0 bad records skipped" in out
+    assert "train: 6 samples (labelled), 0 bad records skipped" in out
     assert "dev: 2 samples" in out and "test: 4 samples" in out
     out, err = bad.communicate(timeout=120)
     assert bad.returncode != 0
