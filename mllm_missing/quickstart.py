@@ -32,8 +32,8 @@ from mllm_missing.heads import (
 from mllm_missing.metrics import accuracy, bootstrap_ci
 from mllm_missing.missing import MissingConfig, MissingType, get_mask_table
 from mllm_missing.report import write_results
-from mllm_missing.strategies.fusion import FusionConfig, build_fusion
-from mllm_missing.strategies.imputation import ImputationConfig, build_imputation
+from mllm_missing.strategies.fusion import FUSIONS, FusionConfig, build_fusion
+from mllm_missing.strategies.imputation import IMPUTATIONS, ImputationConfig, build_imputation
 from mllm_missing.types import MODALITY_ORDER, Modality
 
 __all__ = ["QuickstartConfig", "run_quickstart"]
@@ -47,17 +47,20 @@ class HandlingMethod:
     """One way of handling absent modalities in the quickstart.
 
     Attributes:
-        imputation: imputation module filling absent embeddings.
+        imputation: imputation module filling absent embeddings (a name in `IMPUTATIONS`).
         routed: one head per presence pattern (missing-aware) instead of one shared head.
         description: one line for the README and results.json.
+        fusion: fusion module (a name in `FUSIONS`).
     """
 
     imputation: str
     routed: bool
     description: str
+    fusion: str = "concat"
 
 
-#: The ways of handling absence the quickstart compares.
+#: Named ways of handling absence. Any ``IMPUTATION+FUSION`` pair (e.g. ``translator+gated``),
+#: optionally with ``+routed``, is accepted too (see `resolve_method`).
 METHODS: dict[str, HandlingMethod] = {
     "zero": HandlingMethod("zero", False, "absent embeddings zero-filled, one shared head"),
     "learned_token": HandlingMethod(
@@ -67,6 +70,29 @@ METHODS: dict[str, HandlingMethod] = {
         "zero", True, "zero-filled, one head per presence pattern (missing-aware experts)"
     ),
 }
+
+
+def resolve_method(name: str) -> HandlingMethod:
+    """The `HandlingMethod` of a preset name or of ``IMPUTATION+FUSION[+routed]``."""
+    if name in METHODS:
+        return METHODS[name]
+    parts = name.split("+")
+    routed = parts[-1] == "routed"
+    if routed:
+        parts = parts[:-1]
+    if len(parts) != 2:
+        raise ConfigError(
+            f"methods: unknown method {name!r}; use one of {', '.join(METHODS)} or "
+            f"IMPUTATION+FUSION[+routed] with imputation in {', '.join(IMPUTATIONS.names())} "
+            f"and fusion in {', '.join(FUSIONS.names())}"
+        )
+    imputation, fusion = parts
+    ImputationConfig(method=imputation)
+    FusionConfig(method=fusion)
+    head = "one head per presence pattern" if routed else "one shared head"
+    return HandlingMethod(
+        imputation, routed, f"{imputation} imputation, {fusion} fusion, {head}", fusion
+    )
 
 
 @dataclass
@@ -117,10 +143,7 @@ class QuickstartConfig:
         for rate in self.test_rates:
             MissingConfig(rate=rate)
         for method in self.methods:
-            if method not in METHODS:
-                raise ConfigError(
-                    f"methods: unknown method {method!r}; allowed: {', '.join(METHODS)}"
-                )
+            resolve_method(method)
         for name in ("epochs", "batch_size", "hidden_size", "image_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive; got {getattr(self, name)}")
@@ -185,7 +208,7 @@ def _build_model(
     method: HandlingMethod, config: QuickstartConfig, dims: Mapping[Modality, int]
 ) -> EmbeddingClassifier:
     imputation = build_imputation(ImputationConfig(method=method.imputation), dims)
-    fusion = build_fusion(FusionConfig(hidden_size=config.hidden_size), dims)
+    fusion = build_fusion(FusionConfig(method=method.fusion, hidden_size=config.hidden_size), dims)
     head: ClassificationHead | PatternRoutedHead
     if method.routed:
         head = PatternRoutedHead(fusion.out_dim, TASK.num_labels, MODALITIES, config.hidden_size)
@@ -202,6 +225,7 @@ def _train(
     steps = config.epochs * -(-len(data.labels) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
     inputs = _masked(data, presence)
+    model.imputation.fit(inputs, presence)
     losses = []
     model.train()
     for epoch in range(config.epochs):
@@ -211,6 +235,11 @@ def _train(
         for rows in tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
             logits = model({m: x[rows] for m, x in inputs.items()}, presence[rows])
             loss = task_loss(TASK.task_type, logits, data.labels[rows])
+            auxiliary = model.imputation.auxiliary_loss(
+                {m: x[rows] for m, x in inputs.items()}, presence[rows]
+            )
+            if auxiliary is not None:
+                loss = loss + model.imputation.config.auxiliary_weight * auxiliary
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -276,12 +305,12 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     training: dict[str, Any] = {}
     for method in config.methods:
         torch.manual_seed(config.seed)
-        model = _build_model(METHODS[method], config, dims)
+        model = _build_model(resolve_method(method), config, dims)
         t0 = time.perf_counter()
         losses = _train(model, train, train_presence, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         training[method] = {
-            "description": METHODS[method].description,
+            "description": resolve_method(method).description,
             "loss_per_epoch": losses,
             "seconds": time.perf_counter() - t0,
             "trainable_parameters": trainable,

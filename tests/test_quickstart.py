@@ -64,5 +64,17 @@ def test_cli_prints_table_and_rejects_bad_values(
     assert "epochs must be positive" in capsys.readouterr().err
     assert main(["quickstart", "--train-missing", "both:1.5"]) == 2
     assert "missing.rate" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="allowed: zero, learned_token, missing_aware"):
+    with pytest.raises(ConfigError, match="use one of zero, learned_token, missing_aware"):
         QuickstartConfig(methods=("median",))
+
+
+def test_method_names_resolve_to_pairs() -> None:
+    from mllm_missing.quickstart import METHODS, resolve_method
+
+    assert resolve_method("missing_aware") is METHODS["missing_aware"]
+    pair = resolve_method("translator+gated+routed")
+    assert (pair.imputation, pair.fusion, pair.routed) == ("translator", "gated", True)
+    with pytest.raises(ConfigError, match="IMPUTATION\\+FUSION"):
+        resolve_method("translator")
+    with pytest.raises(ConfigError, match="fusion.method"):
+        resolve_method("zero+sum")

@@ -4,6 +4,23 @@ Registered by name in `FUSIONS`; build one with `build_fusion(FusionConfig(...),
 """
 
 from mllm_missing.strategies.fusion.config import FusionConfig
-from mllm_missing.strategies.fusion.module import FUSIONS, ConcatFusion, Fusion, build_fusion
+from mllm_missing.strategies.fusion.module import (
+    FUSIONS,
+    ConcatFusion,
+    Fusion,
+    GatedFusion,
+    LateFusion,
+    MaskedAttentionFusion,
+    build_fusion,
+)
 
-__all__ = ["FUSIONS", "ConcatFusion", "Fusion", "FusionConfig", "build_fusion"]
+__all__ = [
+    "FUSIONS",
+    "ConcatFusion",
+    "Fusion",
+    "FusionConfig",
+    "GatedFusion",
+    "LateFusion",
+    "MaskedAttentionFusion",
+    "build_fusion",
+]

@@ -15,11 +15,13 @@ class FusionConfig:
         method: a name registered in `FUSIONS` (``concat``...).
         hidden_size: width each modality is projected to before fusion.
         dropout: dropout on the fused representation.
+        num_heads: attention heads of ``masked_attention`` (must divide hidden_size).
     """
 
     method: str = "concat"
     hidden_size: int = 256
     dropout: float = 0.1
+    num_heads: int = 4
 
     def __post_init__(self) -> None:
         from mllm_missing.strategies.fusion.module import FUSIONS
@@ -30,5 +32,10 @@ class FusionConfig:
             )
         if self.hidden_size <= 0:
             raise ConfigError(f"fusion.hidden_size must be positive; got {self.hidden_size}")
+        if self.num_heads <= 0 or self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"fusion.num_heads must be positive and divide hidden_size "
+                f"({self.hidden_size}); got {self.num_heads}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"fusion.dropout must be in [0, 1); got {self.dropout}")

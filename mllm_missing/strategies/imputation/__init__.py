@@ -8,6 +8,8 @@ from mllm_missing.strategies.imputation.module import (
     IMPUTATIONS,
     Imputation,
     LearnedTokenImputation,
+    MeanImputation,
+    TranslatorImputation,
     ZeroImputation,
     build_imputation,
 )
@@ -17,6 +19,8 @@ __all__ = [
     "Imputation",
     "ImputationConfig",
     "LearnedTokenImputation",
+    "MeanImputation",
+    "TranslatorImputation",
     "ZeroImputation",
     "build_imputation",
 ]

@@ -1,10 +1,18 @@
-"""Imputation modules: zero fill and a learned per-modality missing token."""
+"""Imputation modules: fill the embeddings of absent modalities before fusion.
+
+- ``zero``: zero vectors (the usual baseline).
+- ``mean``: the training-set mean embedding of the modality (`fit` computes it).
+- ``learned_token``: a learned vector per modality, zero-initialised.
+- ``translator``: a small network predicting the missing embedding from the present ones,
+  trained with a regression + contrastive auxiliary loss on samples that have both sides.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mllm_missing.registry import Registry
@@ -14,36 +22,61 @@ from mllm_missing.types import MODALITY_ORDER, Modality
 IMPUTATIONS: Registry[type[Imputation]] = Registry("imputation")
 
 
+def _column(modality: Modality) -> int:
+    return MODALITY_ORDER.index(modality)
+
+
 class Imputation(nn.Module):
     """Base class: fills rows of absent modalities, leaves present rows untouched.
 
     Args:
         dims: embedding size of each modality the model uses.
+        config: the imputation configuration.
     """
 
-    def __init__(self, dims: Mapping[Modality, int]) -> None:
+    def __init__(self, dims: Mapping[Modality, int], config: ImputationConfig | None = None):
         super().__init__()
         self.dims = {Modality.parse(k): int(v) for k, v in dims.items()}
+        self.config = config or ImputationConfig(method=self._registered_name())
 
-    def fill(self, modality: Modality, batch_size: int, like: torch.Tensor) -> torch.Tensor:
-        """The stand-in embeddings (batch_size, dim) for absent rows of `modality`."""
-        raise NotImplementedError
+    @classmethod
+    def _registered_name(cls) -> str:
+        return next(n for n in IMPUTATIONS.names() if IMPUTATIONS.get(n) is cls)
 
-    def forward(
-        self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
-    ) -> dict[Modality, torch.Tensor]:
-        """Return every modality of `dims` with absent rows replaced by `fill`.
+    def stand_in(
+        self,
+        modality: Modality,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+    ) -> torch.Tensor:
+        """The stand-in embeddings (batch, dim) of `modality`, used where it is absent.
 
         Args:
-            embeddings: modality -> (batch, dim); a modality absent from the whole batch may be
-                left out.
+            modality: the modality to fill.
+            embeddings: every modality of `dims`, absent rows zero.
             presence: bool (batch, 3) in `MODALITY_ORDER`.
         """
+        raise NotImplementedError
+
+    def fit(self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor) -> None:
+        """Compute statistics from training embeddings (no-op unless the method needs any)."""
+        del embeddings, presence
+
+    def auxiliary_loss(
+        self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
+    ) -> torch.Tensor | None:
+        """An extra training loss of the imputation itself, or None."""
+        del embeddings, presence
+        return None
+
+    def _complete(
+        self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
+    ) -> dict[Modality, torch.Tensor]:
+        """Every modality of `dims` as (batch, dim), absent rows zeroed, shapes checked."""
         batch = presence.shape[0]
-        out: dict[Modality, torch.Tensor] = {}
         reference = next(iter(embeddings.values()))
+        out = {}
         for modality, dim in self.dims.items():
-            present = presence[:, MODALITY_ORDER.index(modality)].unsqueeze(1)
             given = embeddings.get(modality)
             if given is None:
                 given = reference.new_zeros(batch, dim)
@@ -52,7 +85,29 @@ class Imputation(nn.Module):
                     f"{modality.value} embeddings have shape {tuple(given.shape)}, "
                     f"expected ({batch}, {dim})"
                 )
-            out[modality] = torch.where(present, given, self.fill(modality, batch, given))
+            out[modality] = given * presence[:, _column(modality)].unsqueeze(1).to(given.dtype)
+        return out
+
+    def forward(
+        self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
+    ) -> dict[Modality, torch.Tensor]:
+        """Return every modality of `dims` with absent rows replaced by `stand_in`.
+
+        Args:
+            embeddings: modality -> (batch, dim); a modality absent from the whole batch may be
+                left out.
+            presence: bool (batch, 3) in `MODALITY_ORDER`.
+        """
+        complete = self._complete(embeddings, presence)
+        out: dict[Modality, torch.Tensor] = {}
+        for modality, given in complete.items():
+            present = presence[:, _column(modality)].unsqueeze(1)
+            if bool(present.all()):
+                out[modality] = given
+            else:
+                out[modality] = torch.where(
+                    present, given, self.stand_in(modality, complete, presence)
+                )
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -64,8 +119,47 @@ class Imputation(nn.Module):
 class ZeroImputation(Imputation):
     """Absent embeddings become zero vectors (the usual baseline)."""
 
-    def fill(self, modality: Modality, batch_size: int, like: torch.Tensor) -> torch.Tensor:
-        return like.new_zeros(batch_size, self.dims[modality])
+    def stand_in(
+        self,
+        modality: Modality,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+    ) -> torch.Tensor:
+        return torch.zeros_like(embeddings[modality])
+
+
+@IMPUTATIONS.register("mean")
+class MeanImputation(Imputation):
+    """Absent embeddings become the training-set mean of the modality (call `fit` first)."""
+
+    fitted: torch.Tensor
+
+    def __init__(self, dims: Mapping[Modality, int], config: ImputationConfig | None = None):
+        super().__init__(dims, config)
+        for modality, dim in self.dims.items():
+            self.register_buffer(f"mean_{modality.value}", torch.zeros(dim))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def fit(self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor) -> None:
+        """Average each modality over the training rows that have it."""
+        for modality in self.dims:
+            rows = presence[:, _column(modality)]
+            if not bool(rows.any()):
+                raise ValueError(f"cannot fit the mean of {modality.value}: no row has it")
+            mean = embeddings[modality][rows].float().mean(dim=0)
+            getattr(self, f"mean_{modality.value}").copy_(mean)
+        self.fitted.fill_(True)
+
+    def stand_in(
+        self,
+        modality: Modality,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+    ) -> torch.Tensor:
+        if not bool(self.fitted):
+            raise RuntimeError("mean imputation is used before fit(); call fit on training data")
+        mean = getattr(self, f"mean_{modality.value}").to(embeddings[modality].dtype)
+        return mean.unsqueeze(0).expand_as(embeddings[modality])
 
 
 @IMPUTATIONS.register("learned_token")
@@ -73,17 +167,83 @@ class LearnedTokenImputation(Imputation):
     """Absent embeddings become a learned vector per modality (zero-initialised, so it starts
     exactly as zero fill and learns the stand-in that serves the task best)."""
 
-    def __init__(self, dims: Mapping[Modality, int]) -> None:
-        super().__init__(dims)
+    def __init__(self, dims: Mapping[Modality, int], config: ImputationConfig | None = None):
+        super().__init__(dims, config)
         self.tokens = nn.ParameterDict(
             {m.value: nn.Parameter(torch.zeros(d)) for m, d in self.dims.items()}
         )
 
-    def fill(self, modality: Modality, batch_size: int, like: torch.Tensor) -> torch.Tensor:
-        token = self.tokens[modality.value].to(like.dtype)
-        return token.unsqueeze(0).expand(batch_size, -1)
+    def stand_in(
+        self,
+        modality: Modality,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+    ) -> torch.Tensor:
+        token = self.tokens[modality.value].to(embeddings[modality].dtype)
+        return token.unsqueeze(0).expand_as(embeddings[modality])
+
+
+@IMPUTATIONS.register("translator")
+class TranslatorImputation(Imputation):
+    """Predict a missing embedding from the present ones with a small MLP per target modality.
+
+    The input of the translator for modality m is every other modality's embedding (zero where
+    absent) and their presence flags. `auxiliary_loss` trains it on rows that have m and at
+    least one other modality: mean-squared error to the true embedding plus an InfoNCE term that
+    makes the prediction closer to its own sample's embedding than to the others in the batch.
+    """
+
+    def __init__(self, dims: Mapping[Modality, int], config: ImputationConfig | None = None):
+        super().__init__(dims, config)
+        if len(self.dims) < 2:
+            raise ValueError("translator imputation needs at least two modalities")
+        hidden = self.config.hidden_size
+        self.translators = nn.ModuleDict()
+        for target, dim in self.dims.items():
+            sources = sum(d for m, d in self.dims.items() if m != target) + len(self.dims) - 1
+            self.translators[target.value] = nn.Sequential(
+                nn.Linear(sources, hidden), nn.GELU(), nn.Linear(hidden, dim)
+            )
+
+    def _sources(
+        self, target: Modality, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        others = [m for m in self.dims if m != target]
+        flags = torch.stack([presence[:, _column(m)] for m in others], dim=1)
+        features = torch.cat(
+            [embeddings[m] for m in others] + [flags.to(embeddings[target].dtype)], 1
+        )
+        return features, flags.any(dim=1)
+
+    def stand_in(
+        self,
+        modality: Modality,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+    ) -> torch.Tensor:
+        features, _ = self._sources(modality, embeddings, presence)
+        return self.translators[modality.value](features)
+
+    def auxiliary_loss(
+        self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
+    ) -> torch.Tensor | None:
+        complete = self._complete(embeddings, presence)
+        losses = []
+        for target in self.dims:
+            features, has_source = self._sources(target, complete, presence)
+            rows = has_source & presence[:, _column(target)]
+            if int(rows.sum()) < 2:
+                continue
+            predicted = self.translators[target.value](features[rows])
+            truth = complete[target][rows]
+            regression = F.mse_loss(predicted, truth)
+            logits = F.normalize(predicted, dim=1) @ F.normalize(truth, dim=1).T
+            labels = torch.arange(logits.shape[0], device=logits.device)
+            contrastive = F.cross_entropy(logits / self.config.temperature, labels)
+            losses.append(regression + self.config.contrastive_weight * contrastive)
+        return torch.stack(losses).mean() if losses else None
 
 
 def build_imputation(config: ImputationConfig, dims: Mapping[Modality, int]) -> Imputation:
     """Build the imputation module named by `config` for embeddings of sizes `dims`."""
-    return IMPUTATIONS.get(config.method)(dims)
+    return IMPUTATIONS.get(config.method)(dims, config)
