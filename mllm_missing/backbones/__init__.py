@@ -1,0 +1,1 @@
+"""Frozen foundation models: the offline default encoders, transformers LLMs, Whisper audio."""
