@@ -190,3 +190,25 @@ def test_task_losses_match_torch() -> None:
             logits[:, 0], torch.tensor([1.0, 0.0])
         ),
     )
+
+
+def test_knn_fills_with_the_neighbours_of_the_present_modality() -> None:
+    # Two clusters: text direction tells which image cluster a sample belongs to.
+    text = torch.tensor([[1.0, 0, 0, 0]] * 5 + [[0, 1.0, 0, 0]] * 5) + 0.01 * torch.randn(10, 4)
+    image = torch.cat([torch.full((5, 6), 2.0), torch.full((5, 6), -3.0)])
+    presence = torch.ones(10, 3, dtype=torch.bool)
+    presence[[0, 9], 0] = False  # their images never enter the bank
+    module = build_imputation(ImputationConfig("knn", k=3), DIMS)
+    with pytest.raises(RuntimeError, match="before fit"):
+        module(_embeddings(), PRESENCE)
+    module.fit({Modality.TEXT: text, Modality.IMAGE: image * presence[:, :1]}, presence)
+    assert module.bank is not None and len(module.bank) == 10
+    query = {
+        Modality.TEXT: torch.tensor([[0.0, 1.0, 0, 0], [1.0, 0, 0, 0]]),
+        Modality.IMAGE: torch.zeros(2, 6),
+    }
+    filled = module(query, torch.tensor([[False, True, False], [False, True, False]]))
+    assert torch.allclose(filled[Modality.IMAGE][0], torch.full((6,), -3.0))
+    assert torch.allclose(filled[Modality.IMAGE][1], torch.full((6,), 2.0))
+    with pytest.raises(ConfigError, match="imputation.k"):
+        ImputationConfig("knn", k=0)

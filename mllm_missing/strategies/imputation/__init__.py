@@ -7,6 +7,7 @@ from mllm_missing.strategies.imputation.config import ImputationConfig
 from mllm_missing.strategies.imputation.module import (
     IMPUTATIONS,
     Imputation,
+    KnnImputation,
     LearnedTokenImputation,
     MeanImputation,
     TranslatorImputation,
@@ -18,6 +19,7 @@ __all__ = [
     "IMPUTATIONS",
     "Imputation",
     "ImputationConfig",
+    "KnnImputation",
     "LearnedTokenImputation",
     "MeanImputation",
     "TranslatorImputation",

@@ -3,6 +3,8 @@
 - ``zero``: zero vectors (the usual baseline).
 - ``mean``: the training-set mean embedding of the modality (`fit` computes it).
 - ``learned_token``: a learned vector per modality, zero-initialised.
+- ``knn``: the mean of the k nearest training neighbours' embeddings of the missing modality,
+  retrieved by a modality the sample has (exact cosine search in a `MemoryBank`).
 - ``translator``: a small network predicting the missing embedding from the present ones,
   trained with a regression + contrastive auxiliary loss on samples that have both sides.
 """
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,13 +104,15 @@ class Imputation(nn.Module):
         complete = self._complete(embeddings, presence)
         out: dict[Modality, torch.Tensor] = {}
         for modality, given in complete.items():
-            present = presence[:, _column(modality)].unsqueeze(1)
-            if bool(present.all()):
+            absent = ~presence[:, _column(modality)]
+            if not bool(absent.any()):
                 out[modality] = given
-            else:
-                out[modality] = torch.where(
-                    present, given, self.stand_in(modality, complete, presence)
-                )
+                continue
+            # Stand-ins are computed for the absent rows only (a kNN search per row is not free).
+            subset = {m: x[absent] for m, x in complete.items()}
+            filled = given.clone()
+            filled[absent] = self.stand_in(modality, subset, presence[absent]).to(given.dtype)
+            out[modality] = filled
         return out
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -242,6 +247,52 @@ class TranslatorImputation(Imputation):
             contrastive = F.cross_entropy(logits / self.config.temperature, labels)
             losses.append(regression + self.config.contrastive_weight * contrastive)
         return torch.stack(losses).mean() if losses else None
+
+
+@IMPUTATIONS.register("knn")
+class KnnImputation(Imputation):
+    """Absent embeddings become the mean of the k nearest training neighbours' embeddings of
+    that modality, retrieved by cosine similarity on a modality the sample has.
+
+    `fit` builds the memory bank from the training rows (only modalities a row has enter the
+    bank, so a sample never lends its own hidden input). The bank is not part of the state dict:
+    refit it, or save it with `bank.save` and set `bank` from `MemoryBank.load`.
+    """
+
+    def __init__(self, dims: Mapping[Modality, int], config: ImputationConfig | None = None):
+        super().__init__(dims, config)
+        if len(self.dims) < 2:
+            raise ValueError("knn imputation needs at least two modalities")
+        self.bank: Any = None
+
+    def fit(self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor) -> None:
+        """Build the memory bank of the training embeddings (rows with at least one modality)."""
+        from mllm_missing.strategies.retrieval import MemoryBankConfig, build_memory_bank
+
+        columns = torch.stack([presence[:, _column(m)] for m in self.dims], dim=1)
+        rows = columns.any(dim=1)
+        self.bank = build_memory_bank(
+            [str(i) for i in range(int(rows.sum()))],
+            {m.value: embeddings[m][rows].detach().float().cpu() for m in self.dims},
+            columns[rows].cpu(),
+            MemoryBankConfig(k=self.config.k, source="knn imputation fit"),
+        )
+
+    def stand_in(
+        self,
+        modality: Modality,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.bank is None:
+            raise RuntimeError("knn imputation is used before fit(); call fit on training data")
+        reference = embeddings[modality]
+        out = reference.new_zeros(reference.shape)
+        for by, rows in self.bank.group_queries(presence, target=modality.value).items():
+            queries = embeddings[by][rows].detach().float().cpu()
+            _, indices = self.bank.search(queries, by, target=modality.value)
+            out[rows.to(out.device)] = self.bank.neighbour_mean(indices, modality.value).to(out)
+        return out
 
 
 def build_imputation(config: ImputationConfig, dims: Mapping[Modality, int]) -> Imputation:
