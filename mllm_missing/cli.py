@@ -98,6 +98,55 @@ def _run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_backbones(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "backbones",
+        help="list the backbone presets and whether each loads offline here",
+        description="List the backbone presets (backbones/presets/*.json) with their modalities, "
+        "hidden sizes and default LoRA targets, and whether each loads on this machine "
+        "without a network.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_backbones(args: argparse.Namespace) -> int:
+    import json
+
+    from mllm_missing.backbones.presets import list_presets, preset_status
+
+    rows: list[dict[str, Any]] = []
+    for preset in list_presets():
+        ok, reason = preset_status(preset)
+        rows.append(
+            {
+                "name": preset.name,
+                "family": preset.family,
+                "modalities": [m.value for m in preset.modalities],
+                "hidden_size": {m.value: h for m, h in preset.hidden_size.items()},
+                "dtype": preset.dtype,
+                "lora_targets": list(preset.lora_targets),
+                "offline": ok,
+                "why": reason,
+                "description": preset.description,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(
+        "| preset | family | modalities (hidden size) | dtype | LoRA targets | loads offline here |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        towers = ", ".join(f"{m} ({h})" for m, h in row["hidden_size"].items())
+        status = ("yes: " if row["offline"] else "no: ") + row["why"]
+        targets = ", ".join(row["lora_targets"])
+        print(
+            f"| {row['name']} | {row['family']} | {towers} | {row['dtype']} | {targets} | {status} |"
+        )
+    return 0
+
+
 def _run_quickstart(args: argparse.Namespace) -> int:
     from mllm_missing.config import load_config, parse_overrides
     from mllm_missing.quickstart import QuickstartConfig, run_quickstart
@@ -129,12 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_backbones(subparsers)
     _add_prepare(subparsers)
     _add_quickstart(subparsers)
     return parser
 
 
-_COMMANDS = {"prepare": _run_prepare, "quickstart": _run_quickstart}
+_COMMANDS = {"backbones": _run_backbones, "prepare": _run_prepare, "quickstart": _run_quickstart}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,13 @@ from mllm_missing.strategies.fusion import Fusion
 from mllm_missing.strategies.imputation import Imputation
 from mllm_missing.types import MODALITY_ORDER, Modality
 
-__all__ = ["ClassificationHead", "EmbeddingClassifier", "PatternRoutedHead", "task_loss"]
+__all__ = [
+    "ClassificationHead",
+    "EmbeddingClassifier",
+    "PatternRoutedHead",
+    "impute_once",
+    "task_loss",
+]
 
 
 class ClassificationHead(nn.Module):
@@ -109,13 +115,45 @@ class EmbeddingClassifier(nn.Module):
         self.head = head
 
     def forward(
-        self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
+        self,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        imputed: bool = False,
     ) -> torch.Tensor:
-        """Logits for a batch of embeddings and its presence (bool, batch x 3)."""
+        """Logits for a batch of embeddings and its presence (bool, batch x 3).
+
+        Args:
+            embeddings: modality -> (batch, dim), absent rows zero (or already imputed).
+            presence: bool (batch, 3) in `MODALITY_ORDER`.
+            imputed: the embeddings were already passed through `self.imputation` (a fixed,
+                untrained imputation can be applied once to frozen features, see `impute_once`).
+        """
         if not bool(presence.any(dim=1).all()):
             raise ValueError("a sample has every modality missing; nothing to predict from")
-        filled = self.imputation(embeddings, presence)
+        filled = dict(embeddings) if imputed else self.imputation(embeddings, presence)
         return self.head(self.fusion(filled, presence), presence)
+
+
+@torch.no_grad()
+def impute_once(
+    imputation: Imputation,
+    embeddings: Mapping[Modality, torch.Tensor],
+    presence: torch.Tensor,
+    chunk: int = 4096,
+) -> dict[Modality, torch.Tensor] | None:
+    """Apply an imputation with no trainable parameters to a whole split once, in chunks.
+
+    Frozen features and a fixed imputation (zero, mean, knn) give the same filled embeddings every
+    epoch, so they are computed once. Returns None for imputations that train (their output
+    changes as they learn, so they must run per batch).
+    """
+    if imputation.trainable_parameters():
+        return None
+    parts = [
+        imputation({m: x[rows] for m, x in embeddings.items()}, presence[rows])
+        for rows in torch.arange(presence.shape[0]).split(chunk)
+    ]
+    return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
 
 
 def task_loss(task_type: TaskType, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from mllm_missing.heads import (
     ClassificationHead,
     EmbeddingClassifier,
     PatternRoutedHead,
+    impute_once,
     task_loss,
 )
 from mllm_missing.metrics import accuracy, bootstrap_ci
@@ -226,6 +227,8 @@ def _train(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
     inputs = _masked(data, presence)
     model.imputation.fit(inputs, presence)
+    # A fixed imputation over frozen features gives the same stand-ins every epoch: fill once.
+    filled = impute_once(model.imputation, inputs, presence)
     losses = []
     model.train()
     for epoch in range(config.epochs):
@@ -233,7 +236,11 @@ def _train(
         total = 0.0
         batches = order.split(config.batch_size)
         for rows in tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
-            logits = model({m: x[rows] for m, x in inputs.items()}, presence[rows])
+            if filled is not None:
+                batch = {m: x[rows] for m, x in filled.items()}
+                logits = model(batch, presence[rows], imputed=True)
+            else:
+                logits = model({m: x[rows] for m, x in inputs.items()}, presence[rows])
             loss = task_loss(TASK.task_type, logits, data.labels[rows])
             auxiliary = model.imputation.auxiliary_loss(
                 {m: x[rows] for m, x in inputs.items()}, presence[rows]
@@ -254,8 +261,12 @@ def _predict(model: EmbeddingClassifier, data: _Split, presence: torch.Tensor) -
     model.eval()
     inputs = _masked(data, presence)
     predictions = []
+    filled = impute_once(model.imputation, inputs, presence)
     for rows in torch.arange(len(data.labels)).split(4096):
-        logits = model({m: x[rows] for m, x in inputs.items()}, presence[rows])
+        if filled is not None:
+            logits = model({m: x[rows] for m, x in filled.items()}, presence[rows], imputed=True)
+        else:
+            logits = model({m: x[rows] for m, x in inputs.items()}, presence[rows])
         predictions.append(logits.argmax(-1))
     return torch.cat(predictions)
 

@@ -46,3 +46,22 @@ def test_shared_head_ignores_presence() -> None:
     head = ClassificationHead(5, 2, 4, 0.0).eval()
     x = torch.randn(3, 5)
     assert torch.equal(head(x), head(x, torch.ones(3, 3, dtype=torch.bool)))
+
+
+def test_impute_once_matches_per_batch_imputation_and_skips_trained_ones() -> None:
+    from mllm_missing.heads import impute_once
+    from mllm_missing.strategies.imputation import ImputationConfig, build_imputation
+
+    dims = {Modality.IMAGE: 3, Modality.TEXT: 2}
+    torch.manual_seed(0)
+    embeddings = {m: torch.randn(10, d) for m, d in dims.items()}
+    presence = torch.ones(10, 3, dtype=torch.bool)
+    presence[::3, 0] = False
+    embeddings[Modality.IMAGE][::3] = 0
+    mean = build_imputation(ImputationConfig("mean"), dims)
+    mean.fit(embeddings, presence)
+    once = impute_once(mean, embeddings, presence, chunk=4)
+    assert once is not None
+    whole = mean(embeddings, presence)
+    assert all(torch.equal(once[m], whole[m]) for m in dims)
+    assert impute_once(build_imputation(ImputationConfig("learned_token"), dims), embeddings, presence) is None
