@@ -64,4 +64,7 @@ def test_impute_once_matches_per_batch_imputation_and_skips_trained_ones() -> No
     assert once is not None
     whole = mean(embeddings, presence)
     assert all(torch.equal(once[m], whole[m]) for m in dims)
-    assert impute_once(build_imputation(ImputationConfig("learned_token"), dims), embeddings, presence) is None
+    assert (
+        impute_once(build_imputation(ImputationConfig("learned_token"), dims), embeddings, presence)
+        is None
+    )

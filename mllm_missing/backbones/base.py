@@ -11,14 +11,23 @@ Strategies reach into a tower through `Backbone.encode(modality, inputs, prompts
   dropped before pooling, so outputs keep the shape of an unprompted call.
 - ``attention`` mode (prefix prompts on keys and values, MAP's attention level): ``tokens[l]``
   (batch, 2, P, hidden) are keys (index 0) and values (index 1) in the block's projected attention
-  space. Each real query adds ``softmax(q K_p^T / sqrt(d)) V_p`` over the active prompt positions
-  to its ordinary attention output, before the output projection (a separate softmax, as in
-  LLaMA-Adapter), so zero values are an exact no-op.
+  space. Each real query adds ``softmax(q K_p^T * s) V_p`` over the active prompt positions to
+  its ordinary attention output, before the output projection (a separate softmax, as in
+  LLaMA-Adapter), so zero values are an exact no-op; ``s`` is the block's own attention scaling
+  (1/sqrt(head_dim) for Llama, BERT, CLIP, Whisper).
 
 In both modes a prompt position is *active* where `LayerPrompts.mask` says so; by default a
 position is active when its token row is not all zero. Inactive positions are never attended to.
-Hence zero tokens leave a backbone's outputs exactly unchanged, and non-zero tokens change them
-(the shared test battery checks both for every backbone family).
+An explicit mask holds for every block; with the default, blocks between two prompted blocks
+use the activity of the last prompted one. Prompt tokens carry no positional embedding (in a
+rotary model they sit at position 0, unrotated; real tokens keep positions 0..L-1), so in input
+mode only the attention mask decides what they see: real tokens attend to every active
+prompt position; a prompt position attends to itself and to what the tower's own masking allows
+(all active positions in a bidirectional tower, earlier active prompts in a causal one).
+Hence zero tokens leave a backbone's outputs unchanged (bit-identical when no position is active
+anywhere in the batch; within float rounding, ~1e-5, for rows without active prompts in a mixed
+batch, as fused attention kernels sum in another order), and non-zero tokens change them (the
+shared test battery checks both for every backbone family).
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def check_backbone(
         backbone: the backbone (also an `nn.Module`).
         modality: the tower to check.
         raw: at least two raw inputs for `modality`.
-        check_bf16: also run the tower in bfloat16 (the backbone is cast and cast back).
+        check_bf16: also run the tower in bfloat16 (the backbone is cast, then its float32
+            state is restored).
     """
     assert isinstance(backbone, Backbone), "does not implement the Backbone protocol"
     assert isinstance(backbone, nn.Module), "a backbone must be an nn.Module"
@@ -91,10 +92,13 @@ def check_backbone(
     assert_frozen(backbone)
 
     if check_bf16:
+        # Casting to bfloat16 and back rounds the weights: restore the exact float32 copy after.
+        saved = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
         backbone.to(torch.bfloat16)
         try:
             low = backbone.encode(modality, backbone.prepare(modality, raw)).pooled.float()
         finally:
             backbone.to(torch.float32)
+            backbone.load_state_dict(saved)
         similarity = torch.nn.functional.cosine_similarity(low, base.pooled.float(), dim=-1)
         assert bool((similarity > 0.98).all()), f"bfloat16 output drifts: cosine {similarity}"

