@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mllm_missing.atomic import atomic_write_text
 from mllm_missing.errors import ConfigError, DataFormatError
 from mllm_missing.types import MODALITY_ORDER, Modality
 
@@ -222,11 +222,7 @@ def write_mask_table(table: MaskTable, path: str | Path) -> Path:
     writer.writerow(["id", *(m.value for m in table.modalities)])
     for sample_id, row in zip(table.ids, table.present):
         writer.writerow([sample_id, *(int(v) for v in row)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def read_mask_table(path: str | Path) -> MaskTable:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from mllm_missing.atomic import atomic_write_text
 
 __all__ = ["environment_versions", "plot_metric_vs_rate", "summary_table", "write_results"]
 
@@ -96,12 +97,6 @@ def plot_metric_vs_rate(results: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
 def write_results(results: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
     """Write results.json (adding environment versions), results.md and the plot.
 
@@ -116,7 +111,7 @@ def write_results(results: dict[str, Any], output_dir: str | Path) -> dict[str, 
         "markdown": output / "results.md",
         "plot": output / f"{results.get('metric', 'metric')}_vs_missing.png",
     }
-    _atomic_write(paths["json"], json.dumps(results, indent=2, sort_keys=True) + "\n")
-    _atomic_write(paths["markdown"], summary_table(results) + "\n")
+    atomic_write_text(paths["json"], json.dumps(results, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(paths["markdown"], summary_table(results) + "\n")
     plot_metric_vs_rate(results, paths["plot"])
     return paths

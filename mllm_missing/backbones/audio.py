@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mllm_missing.backbones.offline import _freeze
+from mllm_missing.backbones.base import freeze
 from mllm_missing.errors import DataFormatError, require
 from mllm_missing.types import Modality
 
@@ -224,7 +224,7 @@ class WhisperAudioEncoder(nn.Module):
         name: str = WHISPER_ENCODER_NAME,
     ):
         super().__init__()
-        self.encoder: Any = _freeze(encoder)
+        self.encoder: Any = freeze(encoder)
         self.feature_extractor = feature_extractor
         self.name = name
         config: Any = self.encoder.config

@@ -47,6 +47,7 @@ from mllm_missing.types import Modality
 __all__ = [
     "Backbone",
     "EncoderOutput",
+    "FrozenWrapper",
     "LayerPrompts",
     "PromptMode",
     "assert_frozen",
@@ -200,6 +201,37 @@ def freeze(module: nn.Module) -> nn.Module:
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module
+
+
+class FrozenWrapper(nn.Module):
+    """Base of the wrappers around one frozen inner model, kept as ``self.model``.
+
+    The inner model is frozen on construction and stays in eval mode whatever `train` is asked
+    (no dropout, fixed batch-norm statistics); `dtype` and `device` are read from its parameters.
+
+    Args:
+        model: the model to freeze and wrap.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model: Any = freeze(model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the model's parameters."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> FrozenWrapper:
+        """Keep the frozen model in eval mode whatever the caller asks."""
+        super().train(mode)
+        self.model.eval()
+        return self
 
 
 def assert_frozen(module: nn.Module) -> None:

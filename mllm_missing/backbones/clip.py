@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mllm_missing.backbones.base import EncoderOutput, LayerPrompts, freeze
+from mllm_missing.backbones.base import EncoderOutput, FrozenWrapper, LayerPrompts
 from mllm_missing.backbones.clip_blocks import (
     check_config,
     check_model,
@@ -46,7 +46,7 @@ def _import_open_clip() -> Any:
     return open_clip
 
 
-class CLIPBackbone(nn.Module):
+class CLIPBackbone(FrozenWrapper):
     """A frozen open_clip CLIP with an image (ViT) and a text tower.
 
     Both towers run their blocks here, so `LayerPrompts` can enter any block. Without prompts
@@ -76,9 +76,8 @@ class CLIPBackbone(nn.Module):
         name: str,
         preprocess: Callable[[Any], torch.Tensor] | None = None,
     ):
-        super().__init__()
         check_model(model, name)
-        self.model: Any = freeze(model)
+        super().__init__(model)
         self.tokenizer = tokenizer
         self.name = name
         self.modalities: tuple[Modality, ...] = (Modality.IMAGE, Modality.TEXT)
@@ -89,22 +88,6 @@ class CLIPBackbone(nn.Module):
             config = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
             preprocess = image_transform_v2(config, is_train=False)
         self.preprocess = preprocess
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the model's parameters."""
-        return next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the model's parameters."""
-        return next(self.model.parameters()).device
-
-    def train(self, mode: bool = True) -> CLIPBackbone:
-        """Keep the frozen model in eval mode (no dropout) whatever the caller asks."""
-        super().train(mode)
-        self.model.eval()
-        return self
 
     def _tower(self, modality: Modality | str) -> tuple[Modality, Any]:
         parsed = Modality.parse(modality)

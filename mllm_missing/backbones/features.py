@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from mllm_missing.atomic import atomic_write
 from mllm_missing.errors import DataFormatError
 
 if TYPE_CHECKING:
@@ -66,16 +66,9 @@ def save_feature_table(table: FeatureTable, path: str | Path) -> Path:
     """Write `table` to `path` (safetensors, keys in the metadata), atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    save_file(
-        {"features": table.features.contiguous()},
-        str(partial),
-        metadata={"keys": json.dumps(table.keys)},
-    )
-    os.replace(partial, path)
-    return path
+    tensors = {"features": table.features.contiguous()}
+    metadata = {"keys": json.dumps(table.keys)}
+    return atomic_write(path, lambda partial: save_file(tensors, str(partial), metadata=metadata))
 
 
 def load_feature_table(path: str | Path) -> FeatureTable:

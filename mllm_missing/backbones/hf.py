@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from mllm_missing.backbones.base import FrozenWrapper
 from mllm_missing.backbones.gguf import ModelNotFoundError, load_local, smollm2_gguf_path
 from mllm_missing.errors import ConfigError
 
@@ -30,13 +30,6 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 
 Messages = str | Sequence[dict[str, str]]
 """A chat: a list of ``{"role", "content"}`` dicts, or a str taken as one user message."""
-
-
-def _freeze(module: nn.Module) -> nn.Module:
-    module.eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
 
 
 def _as_messages(messages: Messages) -> list[dict[str, str]]:
@@ -74,7 +67,7 @@ class _CallbackStreamer:
             self.emitted = text
 
 
-class FrozenCausalLM(nn.Module):
+class FrozenCausalLM(FrozenWrapper):
     """A frozen transformers causal LM and its tokenizer.
 
     Args:
@@ -85,30 +78,13 @@ class FrozenCausalLM(nn.Module):
     """
 
     def __init__(self, model: Any, tokenizer: Any, name: str, source: Path | None = None):
-        super().__init__()
-        self.model: Any = _freeze(model)
+        super().__init__(model)
         self.tokenizer: Any = tokenizer
         self.name = name
         self.source = source
         text_config = model.config.get_text_config()
         self.hidden_size = int(text_config.hidden_size)
         self.num_layers = int(text_config.num_hidden_layers)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the model's parameters."""
-        return next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the model's parameters."""
-        return next(self.model.parameters()).device
-
-    def train(self, mode: bool = True) -> FrozenCausalLM:
-        """Keep the frozen model in eval mode (no dropout) whatever the caller asks."""
-        super().train(mode)
-        self.model.eval()
-        return self
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings (batch, seq, hidden) of `input_ids`, to concatenate with soft prompts."""
@@ -272,17 +248,27 @@ class FrozenCausalLM(nn.Module):
         return scores
 
     def _stop_ids(self) -> list[int]:
-        stop = self.model.generation_config.eos_token_id
-        ids = list(stop) if isinstance(stop, (list, tuple)) else [] if stop is None else [stop]
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        return [int(i) for i in ids]
+        return stop_token_ids(self.model, self.tokenizer)
 
     def _pad_id(self) -> int:
-        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
-            if candidate is not None:
-                return int(candidate)
-        return 0
+        return pad_token_id(self.tokenizer)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end generation: the generation config's EOS ids plus the tokenizer's."""
+    stop = model.generation_config.eos_token_id
+    ids = list(stop) if isinstance(stop, (list, tuple)) else [] if stop is None else [stop]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return [int(i) for i in ids]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS token, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def load_causal_lm(

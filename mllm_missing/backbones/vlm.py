@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from mllm_missing.backbones.base import freeze
+from mllm_missing.backbones.base import FrozenWrapper
 from mllm_missing.backbones.gguf import ModelNotFoundError, _resolve_dtype
+from mllm_missing.backbones.hf import pad_token_id, stop_token_ids
 from mllm_missing.errors import ConfigError
 
 __all__ = ["FrozenVLM", "ModelNotFoundError", "load_vlm"]
@@ -71,7 +71,7 @@ def _as_images(images: Any) -> list[Any]:
     return [images]
 
 
-class FrozenVLM(nn.Module):
+class FrozenVLM(FrozenWrapper):
     """A frozen LLaVA-style transformers vision-language model and its processor.
 
     Args:
@@ -83,8 +83,7 @@ class FrozenVLM(nn.Module):
     """
 
     def __init__(self, model: Any, processor: Any, name: str, source: Path | None = None):
-        super().__init__()
-        self.model: Any = freeze(model)
+        super().__init__(model)
         self.processor: Any = processor
         self.name = name
         self.source = source
@@ -96,22 +95,6 @@ class FrozenVLM(nn.Module):
     def tokenizer(self) -> Any:
         """The processor's tokenizer."""
         return self.processor.tokenizer
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the model's parameters."""
-        return next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the model's parameters."""
-        return next(self.model.parameters()).device
-
-    def train(self, mode: bool = True) -> FrozenVLM:
-        """Keep the frozen model in eval mode (no dropout) whatever the caller asks."""
-        super().train(mode)
-        self.model.eval()
-        return self
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings (batch, seq, hidden) of `input_ids`, to concatenate with soft prompts."""
@@ -230,17 +213,10 @@ class FrozenVLM(nn.Module):
         return pixel_values.to(device=self.device, dtype=self.dtype)
 
     def _stop_ids(self) -> list[int]:
-        stop = self.model.generation_config.eos_token_id
-        ids = list(stop) if isinstance(stop, (list, tuple)) else [] if stop is None else [stop]
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        return [int(i) for i in ids]
+        return stop_token_ids(self.model, self.tokenizer)
 
     def _pad_id(self) -> int:
-        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
-            if candidate is not None:
-                return int(candidate)
-        return 0
+        return pad_token_id(self.tokenizer)
 
 
 def _read_model(folder: Path, dtype: torch.dtype) -> Any:

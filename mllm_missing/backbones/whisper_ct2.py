@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mllm_missing.atomic import atomic_directory
 from mllm_missing.backbones.ct2_format import CT2Checkpoint, read_ct2_checkpoint
 from mllm_missing.errors import DataFormatError, MissingDependencyError
 
@@ -405,19 +403,11 @@ def load_ct2_whisper(
     if not target.is_dir():
         model = convert_ct2_whisper(model_dir)
         processor = build_whisper_processor(model_dir, model.config.num_mel_bins)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        try:
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-            os.replace(tmp, target)
-            logger.info("cached converted Whisper at %s", target)
-        except OSError:
-            # Another process finished the same conversion first: keep its copy.
-            if not target.is_dir():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Another process finishing the same conversion first keeps its copy (replace=False).
+        with atomic_directory(target, replace=False) as partial:
+            model.save_pretrained(partial)
+            processor.save_pretrained(partial)
+        logger.info("cached converted Whisper at %s", target)
     return WhisperForConditionalGeneration.from_pretrained(
         target, local_files_only=True, dtype=torch.float32
     ).eval()

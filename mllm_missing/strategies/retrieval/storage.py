@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from mllm_missing.atomic import atomic_directory
 from mllm_missing.errors import DataFormatError
 from mllm_missing.strategies.retrieval.config import MemoryBankConfig
 from mllm_missing.types import Modality
@@ -32,24 +30,12 @@ def write_bank_files(
     moved aside first and deleted once the new one is in place.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    try:
+    # Arrays memory-mapped from a replaced bank stay readable: unlinking keeps open mappings.
+    with atomic_directory(directory) as partial:
         for name, array in arrays.items():
             np.save(partial / f"{name}.npy", np.asarray(array), allow_pickle=False)
         content = {"format_version": FORMAT_VERSION, **meta}
         (partial / CONFIG_FILE).write_text(json.dumps(content, indent=2) + "\n")
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-        os.replace(partial, directory)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if old is not None:
-        # Arrays memory-mapped from the old files stay readable: unlinking keeps open mappings.
-        shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
