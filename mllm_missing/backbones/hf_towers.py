@@ -17,6 +17,7 @@ from mllm_missing.backbones.base import EncoderOutput, LayerPrompts, freeze
 from mllm_missing.backbones.hf import FrozenCausalLM, load_smollm2
 from mllm_missing.backbones.hf_prompting import PromptInjector
 from mllm_missing.backbones.offline import TEXT_ENCODER_NAME
+from mllm_missing.backbones.vlm import FrozenVLM
 from mllm_missing.errors import MissingDependencyError
 from mllm_missing.types import Modality
 
@@ -109,7 +110,7 @@ def _real_rows(mask: torch.Tensor) -> torch.Tensor:
 
 
 class CausalLMBackbone(_Tower):
-    """A text tower over a frozen decoder-only LM (`FrozenCausalLM`).
+    """A text tower over a frozen decoder-only LM (`FrozenCausalLM`, or a `FrozenVLM`'s LM).
 
     `prepare` tokenizes with right padding (real tokens keep positions 0..n-1). The pooled
     embedding is the final hidden state (after the last norm) of each text's last real token,
@@ -117,15 +118,22 @@ class CausalLMBackbone(_Tower):
     Input-mode prompts sit before the real tokens (see `PromptInjector`).
 
     Args:
-        llm: the frozen causal LM (its attention must be ``sdpa`` or ``eager``).
+        llm: the frozen causal LM, or a frozen VLM whose language model is the tower (text
+            only: no image is read); its attention must be ``sdpa`` or ``eager``.
         name: identifier (default: the LM's name).
         max_length: truncate tokenized texts to this many tokens (default: no truncation).
     """
 
     def __init__(
-        self, llm: FrozenCausalLM, *, name: str | None = None, max_length: int | None = None
+        self,
+        llm: FrozenCausalLM | FrozenVLM,
+        *,
+        name: str | None = None,
+        max_length: int | None = None,
     ):
-        decoder = llm.model.base_model
+        # The module holding the blocks: the base model of a *ForCausalLM, the language model
+        # of a VLM (transformers' own lookup).
+        decoder = llm.model.get_decoder()
         super().__init__(
             name or llm.name, Modality.TEXT, llm.hidden_size, llm.hidden_size, len(decoder.layers)
         )
@@ -161,7 +169,7 @@ class CausalLMBackbone(_Tower):
         ids = self._tensor(inputs["input_ids"])
         mask = _real_rows(self._tensor(inputs.get("attention_mask", torch.ones_like(ids))))
         self._validate(prompts, ids.shape[0])
-        decoder = self.llm.model.base_model
+        decoder = self.llm.model.get_decoder()
         embeds = decoder.get_input_embeddings()(ids)
         with self._injector.activate(prompts, mask) as call:
             embeds, positions, full_mask = self._injector.causal_layout(call, embeds)
