@@ -28,8 +28,8 @@ FAMILIES: dict[str, str] = {
     "hf_encoder": "mllm_missing.backbones.hf_towers:load_minilm_backbone",
     "whisper_ct2": "mllm_missing.backbones.hf_towers:load_whisper_backbone",
     "offline_default": "mllm_missing.backbones.default:load_offline_default",
-    "projector_vlm": "mllm_missing.backbones.projector_vlm:build_offline_vlm",
-    "vlm": "mllm_missing.backbones.vlm:load_vlm",
+    "projector_vlm": "mllm_missing.backbones.vlm_towers:build_offline_vlm_backbone",
+    "vlm": "mllm_missing.backbones.vlm_towers:load_vlm_backbone",
 }
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -174,6 +174,10 @@ def get_backbone(name: str, *, weights: str | Path | None = None, **options: Any
         raise ConfigError(f"backbone preset {name!r} cannot load on this machine: {reason}")
     module_name, _, attr = FAMILIES[preset.family].partition(":")
     loader = getattr(importlib.import_module(module_name), attr)
+    if preset.family in ("clip", "vlm"):
+        import torch
+
+        options.setdefault("dtype", getattr(torch, preset.dtype))
     if preset.family == "clip":
         return loader(preset.model, pretrained=str(weights), **options)
     if preset.family == "vlm":
