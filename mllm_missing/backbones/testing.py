@@ -18,7 +18,13 @@ from torch import nn
 from mllm_missing.backbones.base import Backbone, LayerPrompts, PromptMode, assert_frozen
 from mllm_missing.types import Modality
 
-__all__ = ["check_backbone"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "MULTIMODAL_CHAT_TEMPLATE",
+    "check_backbone",
+    "tiny_llama_config",
+    "tiny_tokenizer",
+]
 
 
 def _prompts(
@@ -102,3 +108,74 @@ def check_backbone(
             backbone.load_state_dict(saved)
         similarity = torch.nn.functional.cosine_similarity(low, base.pooled.float(), dim=-1)
         assert bool((similarity > 0.98).all()), f"bfloat16 output drifts: cosine {similarity}"
+
+
+#: ChatML-style template of the tiny test tokenizers (text-only messages).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+#: The same with ``{"type": "image"}`` / ``{"type": "text"}`` content items (VLM chats).
+MULTIMODAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(
+    corpus: Sequence[str],
+    *,
+    extra_special: Sequence[str] = (),
+    chat_template: str | None = CHAT_TEMPLATE,
+    vocab_size: int = 300,
+) -> Any:
+    """A byte-level BPE tokenizer trained on `corpus` (so merges exist), with ChatML markers.
+
+    For fast tests: ``<|endoftext|>`` pads, ``<|im_start|>`` / ``<|im_end|>`` are BOS / EOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(corpus), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_llama_config(vocab_size: int, **overrides: Any) -> Any:
+    """A 2-layer Llama config (hidden 32, 4 heads, 2 key/value heads) for fast tests."""
+    from transformers import LlamaConfig
+
+    settings: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    settings.update(overrides)
+    return LlamaConfig(**settings)

@@ -19,60 +19,24 @@ from mllm_missing.backbones.hf import (
     load_causal_lm,
     load_smollm2,
 )
+from mllm_missing.backbones.testing import CHAT_TEMPLATE, tiny_llama_config, tiny_tokenizer
 from mllm_missing.errors import ConfigError, MissingDependencyError
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CORPUS = ["the cat sat on the mat", "retrieval mean fusion attention", "paris london berlin"] * 20
 QUESTION = [{"role": "user", "content": "which module?"}]
 
 
 def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> Any:
     """A byte-level BPE tokenizer (~300 tokens) trained on a tiny corpus, so merges exist."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = chat_template
-    return tokenizer
+    return tiny_tokenizer(CORPUS, chat_template=chat_template)
 
 
 def make_model(vocab_size: int, seed: int = 0) -> Any:
     """A 2-layer Llama with hidden size 32 and random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=2,
-        bos_token_id=1,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size))
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,9 @@ from mllm_missing.backbones.projector_vlm import (
     ProjectorVLM,
     build_offline_vlm,
 )
+from mllm_missing.backbones.testing import tiny_llama_config, tiny_tokenizer
 from mllm_missing.errors import ConfigError, DataFormatError
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CORPUS = ["what colour is the shape", "red green blue", "a red circle and a blue square"] * 20
 QUESTION = "what colour is the shape"
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -38,40 +34,12 @@ IMAGE_DIM = 16
 
 def make_lm(seed: int = 0) -> FrozenCausalLM:
     """A frozen 2-layer Llama (hidden 32, random weights) with a tiny BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = tiny_tokenizer(CORPUS)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,  # wide enough that a few input tokens can steer the output
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    # initializer_range: wide enough that a few input tokens can steer the output
+    config = tiny_llama_config(len(tokenizer), initializer_range=0.2)
     return FrozenCausalLM(LlamaForCausalLM(config), tokenizer, name="tiny-llama")
 
 

@@ -11,44 +11,23 @@ import numpy as np
 import pytest
 import torch
 
+from mllm_missing.backbones.testing import (
+    MULTIMODAL_CHAT_TEMPLATE,
+    tiny_llama_config,
+    tiny_tokenizer,
+)
 from mllm_missing.backbones.vlm import FrozenVLM, ModelNotFoundError, load_vlm
 from mllm_missing.errors import ConfigError
 
 IMAGE_TOKEN = "<image>"
 PATCHES = 4  # a 16x16 image in 8x8 patches; the CLS token is dropped ("default" strategy)
 # Renders list content (text and image items), like the chat templates LLaVA processors ship.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CORPUS = ["what colour is the shape", "a red circle and a blue square", "yes no green"] * 20
 
 
 def make_tokenizer() -> Any:
     """A byte-level BPE tokenizer (~300 tokens) with chat markers and the image token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
+    return tiny_tokenizer(CORPUS, extra_special=[IMAGE_TOKEN], chat_template=None)
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -56,7 +35,6 @@ def make_checkpoint(folder: Path) -> Path:
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -72,14 +50,9 @@ def make_checkpoint(folder: Path) -> Path:
         image_size=16,
         patch_size=8,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
+    text = tiny_llama_config(
+        len(tokenizer),
         hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -102,7 +75,7 @@ def make_checkpoint(folder: Path) -> Path:
         patch_size=8,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=MULTIMODAL_CHAT_TEMPLATE,
     )
     processor.save_pretrained(folder)
     return folder

@@ -18,7 +18,12 @@ from mllm_missing.backbones.base import LayerPrompts, assert_frozen, freeze
 from mllm_missing.backbones.hf import FrozenCausalLM
 from mllm_missing.backbones.offline import FrozenImageEncoder
 from mllm_missing.backbones.projector_vlm import ProjectorVLM
-from mllm_missing.backbones.testing import check_backbone
+from mllm_missing.backbones.testing import (
+    MULTIMODAL_CHAT_TEMPLATE,
+    check_backbone,
+    tiny_llama_config,
+    tiny_tokenizer,
+)
 from mllm_missing.backbones.vlm import FrozenVLM
 from mllm_missing.backbones.vlm_towers import (
     ProjectorVLMBackbone,
@@ -32,14 +37,6 @@ from mllm_missing.types import Modality
 
 IMAGE, TEXT = Modality.IMAGE, Modality.TEXT
 IMAGE_TOKEN = "<image>"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CORPUS = ["what colour is the shape", "a red circle and a blue square", "yes no green"] * 20
 TEXTS = ["what colour is the shape", "a red circle", "yes"]
 VISION_HIDDEN, LM_HIDDEN, PATCHES = 16, 32, 4  # 16x16 images in 8x8 patches, plus CLS
@@ -47,27 +44,9 @@ VISION_HIDDEN, LM_HIDDEN, PATCHES = 16, 32, 4  # 16x16 images in 8x8 patches, pl
 
 def make_tokenizer() -> Any:
     """A byte-level BPE tokenizer (~300 tokens) with chat markers and the image token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    return tiny_tokenizer(
+        CORPUS, extra_special=[IMAGE_TOKEN], chat_template=MULTIMODAL_CHAT_TEMPLATE
     )
-    backend.train_from_iterator(CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def make_llava(feature_layer: int | list[int] = -1, strategy: str = "default") -> Any:
@@ -75,7 +54,6 @@ def make_llava(feature_layer: int | list[int] = -1, strategy: str = "default") -
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -90,14 +68,9 @@ def make_llava(feature_layer: int | list[int] = -1, strategy: str = "default") -
         image_size=16,
         patch_size=8,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
+    text = tiny_llama_config(
+        len(tokenizer),
         hidden_size=LM_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -120,7 +93,7 @@ def make_llava(feature_layer: int | list[int] = -1, strategy: str = "default") -
         patch_size=8,
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=MULTIMODAL_CHAT_TEMPLATE,
     )
     return model, processor
 
@@ -259,19 +232,12 @@ def test_load_vlm_backbone_through_get_backbone(
 
 def make_lm() -> FrozenCausalLM:
     """A frozen 2-layer Llama (hidden 32, random weights) with the tiny BPE tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=LM_HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
+    config = tiny_llama_config(
+        len(tokenizer), hidden_size=LM_HIDDEN, pad_token_id=tokenizer.pad_token_id
     )
     config._attn_implementation = "sdpa"
     return FrozenCausalLM(LlamaForCausalLM(config), tokenizer, name="tiny-llama")
