@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,8 @@ __all__ = [
     "compute_metrics",
     "multiclass_accuracy",
     "multilabel_f1",
+    "normalise_transcript",
+    "word_errors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -385,3 +387,26 @@ def compute_metrics(
             return {"accuracy": multiclass_accuracy(y_true, scores)}
         return {"accuracy": accuracy(y_true, scores)}
     raise ValueError(f"unknown task_type {task_type!r}; allowed: {', '.join(TASK_TYPES)}")
+
+
+def normalise_transcript(text: str) -> list[str]:
+    """Lower-case words without punctuation, for word error rates; hyphens split words and
+    "mr" reads "mister" (how the pocketsphinx reference transcripts spell it)."""
+    import re
+
+    words = re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
+    return ["mister" if word == "mr" else word for word in words]
+
+
+def word_errors(reference: Sequence[str], hypothesis: Sequence[str]) -> int:
+    """Word-level edit distance (substitutions + insertions + deletions); WER is this divided
+    by ``len(reference)``."""
+    row = list(range(len(hypothesis) + 1))
+    for i, ref_word in enumerate(reference, 1):
+        previous, row[0] = row[0], i
+        for j, hyp_word in enumerate(hypothesis, 1):
+            previous, row[j] = (
+                row[j],
+                min(row[j] + 1, row[j - 1] + 1, previous + (ref_word != hyp_word)),
+            )
+    return row[-1]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mllm_missing.metrics import normalise_transcript, word_errors
+
 DATA = Path("/usr/share/pocketsphinx/test/data")
 SETS = {"librivox": "transcription", "cards": "cards.transcription"}
 
@@ -32,22 +34,6 @@ def references() -> dict[Path, list[str]]:
             if match:
                 refs[DATA / folder / f"{match.group(2)}.wav"] = match.group(1).split()
     return refs
-
-
-def normalise(text: str) -> list[str]:
-    """Lower-case words without punctuation; hyphens split words, "mr" reads "mister"."""
-    words = re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
-    return ["mister" if word == "mr" else word for word in words]
-
-
-def word_errors(ref: list[str], hyp: list[str]) -> int:
-    """Levenshtein distance between word lists."""
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]
 
 
 def main() -> None:
@@ -94,7 +80,7 @@ def main() -> None:
         text = transcribe(model, processor, [waveform])[0]
         ids = original.generate(view, [prompt], beam_size=1)[0].sequences_ids[0]
         ct2_text = processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        errors = word_errors(ref, normalise(text))
+        errors = word_errors(ref, normalise_transcript(text))
         totals["errors"] += errors
         totals["words"] += len(ref)
         totals["same"] += text == ct2_text

@@ -339,3 +339,13 @@ def test_compute_metrics_unknown_task_lists_allowed() -> None:
         compute_metrics("regression", [0, 1], [0.1, 0.9])
     for name in TASK_TYPES:
         assert name in str(info.value)
+
+
+def test_word_errors_and_transcript_normalisation() -> None:
+    from mllm_missing.metrics import normalise_transcript, word_errors
+
+    assert normalise_transcript("Mr. Quilter's ill-disposed, TEN!") == [
+        "mister", "quilter's", "ill", "disposed", "ten",
+    ]  # fmt: skip
+    assert word_errors(["a", "b", "c"], ["a", "x", "c", "d"]) == 2
+    assert word_errors([], ["a"]) == 1 and word_errors(["a"], []) == 1

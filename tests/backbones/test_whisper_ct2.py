@@ -26,6 +26,7 @@ from mllm_missing.backbones.whisper_ct2 import (
     read_ct2_checkpoint,
 )
 from mllm_missing.errors import DataFormatError
+from mllm_missing.metrics import normalise_transcript, word_errors
 
 SPEECH = Path("/usr/share/pocketsphinx/test/data/librivox")
 needs_speech = pytest.mark.skipif(
@@ -77,20 +78,6 @@ def references() -> dict[str, list[str]]:
         assert match, line
         refs[match.group(2)] = match.group(1).split()
     return refs
-
-
-def normalise(text: str) -> list[str]:
-    words = re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
-    return ["mister" if w == "mr" else w for w in words]
-
-
-def word_errors(ref: list[str], hyp: list[str]) -> int:
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]
 
 
 # ---- conversion of CTranslate2's own output for a tiny random Whisper, every storage type ----
@@ -292,7 +279,7 @@ def test_transcription_matches_reference_and_ctranslate2(whisper, ct2_model) -> 
     names = sorted(refs)
     audio = [read_wav(SPEECH / f"{name}.wav") for name in names]
     texts = transcribe(model, processor, audio)
-    errors = sum(word_errors(refs[n], normalise(t)) for n, t in zip(names, texts))
+    errors = sum(word_errors(refs[n], normalise_transcript(t)) for n, t in zip(names, texts))
     assert errors / sum(len(refs[n]) for n in names) <= 0.10, texts
     joined = " ".join(texts).lower()
     for word in ("dashwood", "prudently", "selfish", "amiable", "respectable"):
