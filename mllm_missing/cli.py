@@ -170,6 +170,41 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a strategy + head with a recipe config",
+        description="Train a strategy (missing-aware prompts, LoRA, ...) and a task head over a "
+        "frozen backbone, keep the best validation checkpoint, score it on the test split. "
+        "Settings: the YAML CONFIG, then key=value overrides (strategy.FIELD=value sets one "
+        "strategy field); everything is checked before any work.",
+    )
+    parser.add_argument("config", help="recipe YAML, e.g. recipes/configs/easy_vqa/...yaml")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from output_dir's last checkpoint"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="any config field")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from mllm_missing.training.config import load_train_config
+    from mllm_missing.training.supervised import run_training
+
+    config = load_train_config(args.config, args.overrides)
+    results = run_training(config, resume=args.resume)
+    trainable, frozen = results["trainable_parameters"], results["frozen_parameters"]
+    print(f"\n{results['task']} / {results['strategy']['method']}: {trainable:,} trainable "
+          f"parameters ({100 * trainable / max(frozen, 1):.3f} % of {frozen:,} frozen)")
+    print(f"best validation {results['metric']}: {results['best_val']:.4f} "
+          f"(epoch {results['best_epoch']})")
+    for row in results["test"]:
+        low, high = row["ci95"]
+        value = row["metrics"][results["metric"]]
+        print(f"test {row['missing']}: {results['metric']} {value:.4f} [{low:.4f}, {high:.4f}]")
+    print(f"results in {config.output_dir}/results.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mllm-missing`."""
     from mllm_missing import __version__
@@ -181,10 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbones(subparsers)
     _add_prepare(subparsers)
     _add_quickstart(subparsers)
+    _add_train(subparsers)
     return parser
 
 
-_COMMANDS = {"backbones": _run_backbones, "prepare": _run_prepare, "quickstart": _run_quickstart}
+_COMMANDS = {
+    "backbones": _run_backbones,
+    "prepare": _run_prepare,
+    "quickstart": _run_quickstart,
+    "train": _run_train,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

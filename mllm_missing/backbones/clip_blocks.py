@@ -233,7 +233,19 @@ def input_mode_mask(
     return mask.expand(batch, heads, size, size).reshape(batch * heads, size, size)
 
 
+def _adapted_out_proj(block: nn.Module) -> bool:
+    """Whether `block`'s ``nn.MultiheadAttention`` has an adapter (peft) layer as ``out_proj``.
+
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly instead of calling the module,
+    so such a wrapper would be silently bypassed: these blocks run their attention here.
+    """
+    attn = getattr(block, "attn", None)
+    return isinstance(attn, nn.MultiheadAttention) and hasattr(attn.out_proj, "base_layer")
+
+
 def _call_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, batch_first: bool):
+    if _adapted_out_proj(block):
+        return _attention_block(block, x, mask, None, None, None, -1)  # x is batch first here
     if batch_first:
         out: torch.Tensor = block(x, attn_mask=mask)
         return out
@@ -261,12 +273,15 @@ def _attention_block(
     block: Any,
     x: torch.Tensor,
     mask: torch.Tensor | None,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    active: torch.Tensor,
+    keys: torch.Tensor | None,
+    values: torch.Tensor | None,
+    active: torch.Tensor | None,
     index: int,
 ) -> torch.Tensor:
-    """One residual block with the prefix-prompt term added to each head's attention output."""
+    """One residual block with the prefix-prompt term added to each head's attention output.
+
+    With no `keys` it is the plain block (used when ``out_proj`` carries an adapter).
+    """
     attn = _check_attention_block(block, index)
     batch, length, width = x.shape
     heads = attn.num_heads
@@ -278,7 +293,8 @@ def _attention_block(
         if mask.ndim == 3:
             mask = mask.view(batch, heads, length, length)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out = out + prefix_attention(q, keys, values, active)
+    if keys is not None and values is not None and active is not None:
+        out = out + prefix_attention(q, keys, values, active)
     out = attn.out_proj(out.transpose(1, 2).reshape(batch, length, width))
     x = x + block.ls_1(out)
     result: torch.Tensor = x + block.ls_2(block.mlp(block.ln_2(x)))

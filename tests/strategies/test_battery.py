@@ -26,6 +26,8 @@ ALL_CONFIGS: list[dict[str, Any]] = [
     {"method": "correlated_prompts", "prompt_type": "input", "prompt_length": 2, "rank": 4},
     {"method": "correlated_prompts", "prompt_type": "attention", "prompt_length": 2, "rank": 4},
     {"method": "correlated_prompts", "prompt_length": 2, "rank": 4, "common_dim": 0},
+    {"method": "lora", "r": 2},
+    {"method": "lora", "r": 2, "routed": True},
 ]
 
 
@@ -35,7 +37,9 @@ def _id(values: dict[str, Any]) -> str:
 
 def images(count: int) -> list[Image.Image]:
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)
+    ]
 
 
 def config(values: dict[str, Any]) -> StrategyConfig:

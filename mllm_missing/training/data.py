@@ -1,0 +1,167 @@
+"""A split ready for training: labels, the seeded presence table, frozen features, raw inputs.
+
+Towers the strategy does not adapt are encoded once per distinct input (cached on disk). For
+adapted towers, each batch encodes each distinct (input, missing case) pair once: easy-VQA's
+35,000 training questions hold 107 distinct texts, so a step costs at most a few hundred tower
+rows whatever the batch size. Absent rows of adapted towers get a placeholder input (`placeholder`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mllm_missing.backbones.features import encode_column
+from mllm_missing.data.base import TaskInfo, cache_root
+from mllm_missing.missing import MissingConfig, get_mask_table
+from mllm_missing.model import MissingModalityModel
+from mllm_missing.types import MODALITY_ORDER, Modality
+
+__all__ = ["SplitData", "embed_rows", "load_split", "placeholder"]
+
+
+@dataclass
+class SplitData:
+    """One split of a task, with the presence every method sees.
+
+    Attributes:
+        name: split name (as in mask-table paths).
+        dataset: the Hugging Face dataset.
+        ids: sample ids.
+        labels: targets (long for multi-class, float otherwise).
+        presence: bool (n, 3) from the seeded mask table.
+        keys: modality -> per-row key of the input (equal keys, equal inputs).
+        features: modality -> (n, dim) frozen embeddings, absent rows zero (unadapted towers).
+    """
+
+    name: str
+    dataset: Any
+    ids: list[str]
+    labels: torch.Tensor
+    presence: torch.Tensor
+    keys: dict[Modality, list[str]]
+    features: dict[Modality, torch.Tensor] = field(default_factory=dict)
+    _first_row: dict[Modality, dict[str, int]] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def raw(self, modality: Modality, key: str) -> Any:
+        """The raw input (PIL image, string, waveform) behind `key`."""
+        rows = self._first_row.setdefault(modality, {})
+        if not rows:
+            for row, value in enumerate(self.keys[modality]):
+                rows.setdefault(value, row)
+        return self.dataset[rows[key]][modality.value]
+
+
+def placeholder(modality: Modality) -> Any:
+    """The stand-in input of an absent modality: a text of one full stop (the towers refuse an
+    empty string), a grey image, 1 s of silence."""
+    if modality is Modality.TEXT:
+        return "."
+    if modality is Modality.IMAGE:
+        from PIL import Image
+
+        return Image.new("RGB", (224, 224), (128, 128, 128))
+    return np.zeros(16000, dtype=np.float32)
+
+
+def _key_column(dataset: Any, modality: Modality) -> str:
+    if modality is Modality.IMAGE and "image_id" in dataset.column_names:
+        return "image_id"
+    if modality is Modality.TEXT:
+        return "text"
+    return "id"
+
+
+def load_split(
+    dataset: Any,
+    name: str,
+    task: TaskInfo,
+    missing: MissingConfig,
+    model: MissingModalityModel,
+    *,
+    mask_root: Path,
+    cache_dir: str | None,
+    cache_tag: str,
+) -> SplitData:
+    """Build a `SplitData`: mask table, labels, and features of the towers the model does not adapt.
+
+    Args:
+        dataset: the split's dataset (columns id, one per modality, label).
+        name: split name used in mask-table and cache paths.
+        task: the task.
+        missing: the split's missing setting.
+        model: the model (its strategy decides which towers are cacheable).
+        mask_root: root of the mask tables.
+        cache_dir: feature cache root.
+        cache_tag: identifies backbone settings in cache file names.
+    """
+    ids = [str(i) for i in dataset["id"]]
+    table = get_mask_table(missing, task.name, name, ids, task.modalities, mask_root)
+    presence = torch.from_numpy(table.presence_tensor_rows())
+    labels = torch.as_tensor(np.asarray(dataset["label"]))
+    labels = labels.long() if task.task_type.value == "multiclass" else labels.float()
+    keys = {m: [str(k) for k in dataset[_key_column(dataset, m)]] for m in task.modalities}
+    split = SplitData(name, dataset, ids, labels, presence, keys)
+    feature_dir = cache_root(cache_dir) / "features"
+    backbone = model.backbone
+    for m in task.modalities:
+        if model.strategy.adapts(m):
+            continue
+        present_rows = [i for i in range(len(ids)) if bool(presence[i, MODALITY_ORDER.index(m)])]
+        subset = dataset.select(present_rows) if present_rows else None
+        dim = backbone.embed_dim(m)
+        features = torch.zeros(len(ids), dim)
+        if subset is not None and len(subset):
+            column = encode_column(
+                subset,
+                m.value,
+                lambda raw, m=m: backbone.embed(m, list(raw)).float().cpu(),
+                key_column=_key_column(dataset, m),
+                cache_path=feature_dir / f"{cache_tag}-{m.value}-{task.name}-{name}.st",
+                batch_size=64,
+                desc=f"{name} {m.value}",
+            )
+            features[present_rows] = column.lookup([keys[m][i] for i in present_rows])
+        split.features[m] = features
+    return split
+
+
+def embed_rows(
+    model: MissingModalityModel, split: SplitData, rows: torch.Tensor
+) -> dict[Modality, torch.Tensor]:
+    """Per-modality embeddings of `rows`: cached features, or the adapted tower's output with
+    each distinct (input, missing case) pair encoded once."""
+    presence = split.presence[rows]
+    device = next(iter(model.parameters())).device
+    out: dict[Modality, torch.Tensor] = {}
+    for m in model.modalities:
+        if m in split.features:
+            out[m] = split.features[m][rows].to(device)
+            continue
+        column = MODALITY_ORDER.index(m)
+        pattern = (presence.long() * torch.tensor([1, 2, 4])).sum(dim=1).tolist()
+        pairs: dict[tuple[str | None, int], int] = {}
+        inverse: list[int] = []
+        first: list[int] = []
+        for i, row in enumerate(rows.tolist()):
+            key = split.keys[m][row] if bool(presence[i, column]) else None
+            index = pairs.setdefault((key, pattern[i]), len(pairs))
+            if index == len(first):
+                first.append(i)
+            inverse.append(index)
+        raw: Sequence[Any] = [
+            placeholder(m) if key is None else split.raw(m, key) for key, _ in pairs
+        ]
+        inputs = model.backbone.prepare(m, list(raw))
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        unique = model.encode(m, inputs, presence[first].to(device))
+        out[m] = unique[torch.tensor(inverse, device=device)]
+    return out

@@ -1,0 +1,253 @@
+"""Supervised training of a strategy + head on a task split: what `mllm-missing train` runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mllm_missing.atomic import atomic_write_text
+from mllm_missing.data.base import TaskInfo, TaskType
+from mllm_missing.heads import task_loss
+from mllm_missing.metrics import bootstrap_ci, compute_metrics
+from mllm_missing.missing import MissingConfig
+from mllm_missing.model import MissingModalityModel, build_model
+from mllm_missing.training.config import TrainConfig
+from mllm_missing.training.data import SplitData, embed_rows, load_split
+from mllm_missing.types import MODALITY_ORDER
+
+__all__ = ["SupervisedTask", "run_training"]
+
+logger = logging.getLogger(__name__)
+
+
+def _load_task(config: TrainConfig) -> tuple[TaskInfo, Any]:
+    """The task info and a ``split -> dataset`` loader for the config's dataset."""
+    if config.dataset == "easy_vqa":
+        from mllm_missing.data.easy_vqa import TASK, load_easy_vqa
+
+        def load(split: str) -> Any:
+            return load_easy_vqa(split=split, cache_dir=config.cache_dir)
+
+        return TASK, load
+    if config.dataset == "mmimdb":
+        from mllm_missing.data.mmimdb import TASK as MMIMDB
+        from mllm_missing.data.mmimdb import load_mmimdb
+
+        root, mode = str(config.data_root), config.text_mode
+        return MMIMDB, lambda s: load_mmimdb(root, s, text_mode=mode, cache_dir=config.cache_dir)
+    from mllm_missing.data.hateful_memes import TASK as MEMES
+    from mllm_missing.data.hateful_memes import load_hateful_memes
+
+    root = str(config.data_root)
+    return MEMES, lambda s: load_hateful_memes(root, s, cache_dir=config.cache_dir)
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def _limit(dataset: Any, limit: int | None) -> Any:
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def _splits(config: TrainConfig, load: Any) -> dict[str, Any]:
+    """train / val / test datasets; without a validation split, a seeded share of train."""
+    train = load(config.train_split)
+    if config.val_split is None:
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        count = max(1, round(config.val_fraction * len(train)))
+        val = train.select(sorted(order[:count].tolist()))
+        train = train.select(sorted(order[count:].tolist()))
+    else:
+        val = load(config.val_split)
+    return {
+        "train": _limit(train, config.limit_train),
+        "val": _limit(val, config.limit_val),
+        "test": _limit(load(config.test_split), config.limit_test),
+    }
+
+
+class SupervisedTask:
+    """A `TrainTask` for the training loop: a model, a training and a validation split."""
+
+    def __init__(
+        self, model: MissingModalityModel, task: TaskInfo, train: SplitData, val: SplitData
+    ) -> None:
+        self.model = model
+        self.task = task
+        self.train = train
+        self.val = val
+        self.metric = task.metric
+        self.higher_is_better = True
+        self.num_train = len(train)
+
+    def trainable_module(self) -> torch.nn.Module:
+        """The strategy + classifier."""
+        return self.model
+
+    def frozen_parameter_count(self) -> int:
+        """Parameters of the frozen backbone."""
+        own = {id(p) for p in self.model.parameters()}
+        return sum(p.numel() for p in self.model.backbone.parameters() if id(p) not in own)  # type: ignore[attr-defined]
+
+    def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        """Task loss (plus the imputation's own loss, if any) on training rows."""
+        self.model.train()
+        embeddings = embed_rows(self.model, self.train, rows)
+        presence = self.train.presence[rows].to(next(iter(embeddings.values())).device)
+        logits = self.model(embeddings, presence)
+        loss = task_loss(self.task.task_type, logits, self.train.labels[rows].to(logits.device))
+        zeroed = {
+            m: x * presence[:, MODALITY_ORDER.index(m)].unsqueeze(1) for m, x in embeddings.items()
+        }
+        auxiliary = self.model.classifier.imputation.auxiliary_loss(zeroed, presence)
+        if auxiliary is not None:
+            loss = loss + self.model.classifier.imputation.config.auxiliary_weight * auxiliary
+        return loss
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on the validation split."""
+        return score(self.task, self.val.labels, predict(self.model, self.val))
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write the model's files into `directory`."""
+        self.model.write_files(directory)
+
+
+@torch.inference_mode()
+def predict(model: MissingModalityModel, split: SplitData, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of every row of `split` (float, on the CPU)."""
+    model.eval()
+    outputs = []
+    for rows in torch.arange(len(split)).split(batch_size):
+        embeddings = embed_rows(model, split, rows)
+        presence = split.presence[rows].to(next(iter(embeddings.values())).device)
+        outputs.append(model(embeddings, presence).float().cpu())
+    return torch.cat(outputs)
+
+
+def score(task: TaskInfo, labels: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """The task's metrics from logits."""
+    scores = logits.squeeze(-1) if task.task_type is TaskType.BINARY else logits
+    return compute_metrics(
+        task.task_type.value, labels.numpy(), scores.numpy(), from_logits=True
+    )
+
+
+def _interval(task: TaskInfo, labels: torch.Tensor, logits: torch.Tensor, seed: int) -> list[float]:
+    def metric(y: np.ndarray, s: np.ndarray) -> float:
+        return score(task, torch.from_numpy(y), torch.from_numpy(s))[task.metric]
+
+    low, high = bootstrap_ci(metric, labels.numpy(), logits.numpy(), n_resamples=200, seed=seed)
+    return [low, high]
+
+
+def run_training(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train, keep the best validation checkpoint, score it on the test split, write results.json.
+
+    Returns:
+        The results written to ``output_dir/results.json``.
+    """
+    from mllm_missing.backbones.presets import get_backbone, get_preset
+    from mllm_missing.training.trainer import LoopConfig, fit
+
+    started = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    output = Path(config.output_dir)
+    task, load = _load_task(config)
+    datasets = _splits(config, load)
+    device = _device(config)
+    options: dict[str, Any] = {"device": device}
+    if get_preset(config.backbone).family == "offline_default":
+        options["image_size"] = config.image_size
+    backbone = get_backbone(config.backbone, weights=config.backbone_weights, **options)
+    dims = {m: backbone.embed_dim(m) for m in task.modalities}
+    spec = {
+        "backbone": config.backbone,
+        "strategy": config.strategy,
+        "imputation": config.imputation,
+        "fusion": config.fusion,
+        "hidden_size": config.hidden_size,
+        "routed_head": config.routed_head,
+        "task": task.name,
+        "task_type": task.task_type.value,
+        "num_labels": task.num_labels,
+        "label_names": list(task.label_names),
+        "modalities": [m.value for m in task.modalities],
+    }
+    model = build_model(spec, backbone, dims).to(device)
+    tag = f"{backbone.name}-{config.image_size}"
+    train_missing = MissingConfig.parse(config.train_missing, seed=config.seed)
+    splits = {
+        name: load_split(
+            datasets[name], name, task, train_missing, model,
+            mask_root=output / "masks", cache_dir=config.cache_dir, cache_tag=tag,
+        )
+        for name in ("train", "val")
+    }  # fmt: skip
+    model.classifier.imputation.fit(splits["train"].features, splits["train"].presence)
+    supervised = SupervisedTask(model, task, splits["train"], splits["val"])
+    loop = LoopConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        grad_accum=config.grad_accum,
+        max_grad_norm=config.max_grad_norm,
+        mixed_precision=config.mixed_precision,
+        seed=config.seed,
+        checkpoint_every=config.checkpoint_every,
+        log=config.log,
+        output_dir=str(output),
+    )
+    result = fit(supervised, loop, resume=resume)
+    best = MissingModalityModel.from_pretrained(output / "best", backbone=backbone).to(device)
+    rows = []
+    for setting in config.test_missing:
+        missing = MissingConfig.parse(setting, seed=config.seed)
+        split = load_split(
+            datasets["test"], "test", task, missing, best,
+            mask_root=output / "masks", cache_dir=config.cache_dir, cache_tag=tag,
+        )  # fmt: skip
+        logits = predict(best, split)
+        metrics = score(task, split.labels, logits)
+        rows.append(
+            {
+                "missing": missing.describe(),
+                "missing_type": missing.type.value if hasattr(missing.type, "value") else missing.type,
+                "missing_rate": missing.rate,
+                "metrics": metrics,
+                "ci95": _interval(task, split.labels, logits, config.seed),
+            }
+        )
+        logger.info("test %s: %s %.4f", missing.describe(), task.metric, metrics[task.metric])
+    results = {
+        "task": task.name,
+        "metric": task.metric,
+        "config": asdict(config),
+        "strategy": model.strategy.config.to_dict(),
+        "samples": {k: len(v) for k, v in datasets.items()},
+        "trainable_parameters": result.trainable_parameters,
+        "frozen_parameters": result.frozen_parameters,
+        "best_epoch": result.best_epoch,
+        "best_val": result.best_metric,
+        "history": result.history,
+        "test": rows,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "seconds": time.perf_counter() - started,
+    }
+    atomic_write_text(output / "results.json", json.dumps(results, indent=2, default=str))
+    return results
