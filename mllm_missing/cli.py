@@ -193,10 +193,14 @@ def _run_train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, args.overrides)
     results = run_training(config, resume=args.resume)
     trainable, frozen = results["trainable_parameters"], results["frozen_parameters"]
-    print(f"\n{results['task']} / {results['strategy']['method']}: {trainable:,} trainable "
-          f"parameters ({100 * trainable / max(frozen, 1):.3f} % of {frozen:,} frozen)")
-    print(f"best validation {results['metric']}: {results['best_val']:.4f} "
-          f"(epoch {results['best_epoch']})")
+    print(
+        f"\n{results['task']} / {results['strategy']['method']}: {trainable:,} trainable "
+        f"parameters ({100 * trainable / max(frozen, 1):.3f} % of {frozen:,} frozen)"
+    )
+    print(
+        f"best validation {results['metric']}: {results['best_val']:.4f} "
+        f"(epoch {results['best_epoch']})"
+    )
     for row in results["test"]:
         low, high = row["ci95"]
         value = row["metrics"][results["metric"]]

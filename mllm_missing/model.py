@@ -169,11 +169,15 @@ def build_model(
     modalities = [Modality.parse(m) for m in spec["modalities"]]
     strategy = build_strategy(strategy_config_from_dict(spec["strategy"]), backbone, modalities)
     imputation = build_imputation(ImputationConfig(method=spec.get("imputation", "zero")), dims)
-    fusion_config = FusionConfig(method=spec.get("fusion", "concat"), hidden_size=spec["hidden_size"])
+    fusion_config = FusionConfig(
+        method=spec.get("fusion", "concat"), hidden_size=spec["hidden_size"]
+    )
     fusion = build_fusion(fusion_config, dims)
     head: ClassificationHead | PatternRoutedHead
     if spec.get("routed_head", False):
-        head = PatternRoutedHead(fusion.out_dim, spec["num_labels"], modalities, spec["hidden_size"])
+        head = PatternRoutedHead(
+            fusion.out_dim, spec["num_labels"], modalities, spec["hidden_size"]
+        )
     else:
         head = ClassificationHead(fusion.out_dim, spec["num_labels"], spec["hidden_size"])
     TaskType(spec["task_type"])

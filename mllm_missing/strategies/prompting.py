@@ -102,9 +102,7 @@ class PromptStrategy(Strategy):
                 f"strategy {config.method}: none of the backbone {backbone.name!r}'s towers "
                 "has transformer blocks to put prompts into"
             )
-        self.blocks = {
-            m: resolve_blocks(config, m, backbone.num_layers(m)) for m in self.towers
-        }
+        self.blocks = {m: resolve_blocks(config, m, backbone.num_layers(m)) for m in self.towers}
         self.widths = {m: backbone.hidden_size(m) for m in self.towers}
 
     def new_parameter(self, *shape: int) -> nn.Parameter:

@@ -102,7 +102,8 @@ def check_strategy(
     own = strategy.trainable_parameters()
     assert own, f"{name}: no trainable parameters"
     own_ids = {id(p) for p in own}
-    frozen = {n: p for n, p in backbone.named_parameters() if id(p) not in own_ids}
+    named = backbone.named_parameters()  # type: ignore[attr-defined]
+    frozen = {n: p for n, p in named if id(p) not in own_ids}
     assert frozen, f"{name}: the backbone has no frozen parameters left"
     assert not any(p.requires_grad for p in frozen.values()), f"{name}: unfroze the backbone"
     before = {n: p.detach().clone() for n, p in frozen.items()}
@@ -121,7 +122,9 @@ def check_strategy(
     assert all(p.grad is None for p in frozen.values()), f"{name}: a backbone parameter got a grad"
     snapshot = [p.detach().clone() for p in own]
     torch.optim.SGD(own, lr=0.5).step()
-    assert any(not torch.equal(p, s) for p, s in zip(own, snapshot)), f"{name}: step changed nothing"
+    assert any(not torch.equal(p, s) for p, s in zip(own, snapshot)), (
+        f"{name}: step changed nothing"
+    )
     assert all(torch.equal(p, before[n]) for n, p in frozen.items()), f"{name}: backbone changed"
     assert_frozen_except(backbone, own_ids, name)
 

@@ -148,7 +148,9 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
     """Load a recipe YAML with ``key=value`` overrides; ``strategy.FIELD=value`` sets one
     strategy field. Everything is checked before any work starts."""
     import yaml

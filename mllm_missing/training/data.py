@@ -120,10 +120,14 @@ def load_split(
         dim = backbone.embed_dim(m)
         features = torch.zeros(len(ids), dim)
         if subset is not None and len(subset):
+
+            def encode(raw: list[Any], m: Modality = m) -> torch.Tensor:
+                return backbone.embed(m, list(raw)).float().cpu()
+
             column = encode_column(
                 subset,
                 m.value,
-                lambda raw, m=m: backbone.embed(m, list(raw)).float().cpu(),
+                encode,
                 key_column=_key_column(dataset, m),
                 cache_path=feature_dir / f"{cache_tag}-{m.value}-{task.name}-{name}.st",
                 batch_size=64,

@@ -139,9 +139,7 @@ def predict(model: MissingModalityModel, split: SplitData, batch_size: int = 102
 def score(task: TaskInfo, labels: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
     """The task's metrics from logits."""
     scores = logits.squeeze(-1) if task.task_type is TaskType.BINARY else logits
-    return compute_metrics(
-        task.task_type.value, labels.numpy(), scores.numpy(), from_logits=True
-    )
+    return compute_metrics(task.task_type.value, labels.numpy(), scores.numpy(), from_logits=True)
 
 
 def _interval(task: TaskInfo, labels: torch.Tensor, logits: torch.Tensor, seed: int) -> list[float]:
@@ -227,7 +225,9 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]
         rows.append(
             {
                 "missing": missing.describe(),
-                "missing_type": missing.type.value if hasattr(missing.type, "value") else missing.type,
+                "missing_type": missing.type.value
+                if hasattr(missing.type, "value")
+                else missing.type,
                 "missing_rate": missing.rate,
                 "metrics": metrics,
                 "ci95": _interval(task, split.labels, logits, config.seed),

@@ -108,7 +108,11 @@ def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -153,8 +157,12 @@ class _Logs:
             self.writer = SummaryWriter(str(output / "tensorboard"))
         if kind in ("csv", "both") and self.path.is_file():
             with self.path.open(encoding="utf-8") as handle:
-                kept = [r for r in csv.DictReader(handle) if int(r["step"]) < from_step or (
-                    int(r["step"]) == from_step and r["split"] == "val")]
+                kept = [
+                    r
+                    for r in csv.DictReader(handle)
+                    if int(r["step"]) < from_step
+                    or (int(r["step"]) == from_step and r["split"] == "val")
+                ]
             self._rewrite(kept)
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
@@ -242,7 +250,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, config.warmup_ratio))
     # Only the optimizer is prepared: the task owns its model and moves its own batches.
     optimizer = accelerator.prepare_optimizer(optimizer)
-    epoch, done, step = 0, 0, 0
+    epoch, done, step, running = 0, 0, 0, 0.0
     best: float | None = None
     if resume and last.exists():
         meta_path = last / "state.json"
@@ -262,6 +270,7 @@ def fit(
         scheduler.load_state_dict(extra["scheduler"])
         _set_rng_state(extra["rng"])
         epoch, done, step = meta["epoch"], meta["batches_done"], meta["step"]
+        running = float(meta.get("running_loss", 0.0))
         best, result.best_epoch, result.history = meta["best"], meta["best_epoch"], meta["history"]
         logger.info("resuming at epoch %d, batch %d (step %d)", epoch + 1, done, step)
     elif resume:
@@ -278,7 +287,7 @@ def fit(
             )  # fmt: skip
             meta = {"epoch": epoch, "batches_done": done, "step": step, "best": best,
                     "best_epoch": result.best_epoch, "history": result.history,
-                    "config": asdict(config)}  # fmt: skip
+                    "running_loss": running, "config": asdict(config)}  # fmt: skip
             (folder / "state.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
 
     calls = 0
@@ -289,7 +298,6 @@ def fit(
         chunks = order.split(config.batch_size)
         module.train()
         progress = tqdm(total=len(chunks), initial=done, desc=f"epoch {epoch + 1}/{config.epochs}")
-        running = 0.0
         while done < len(chunks):
             rows = chunks[done]
             with accelerator.accumulate(module):
@@ -338,7 +346,7 @@ def fit(
             with atomic_directory(output / "best") as folder:
                 task.save_pretrained(folder)
                 (folder / "best.json").write_text(json.dumps(entry), encoding="utf-8")
-        epoch, done = epoch + 1, 0
+        epoch, done, running = epoch + 1, 0, 0.0
         checkpoint()
         if stop_after_steps is not None and calls >= stop_after_steps and epoch < config.epochs:
             result.stopped_early = True
