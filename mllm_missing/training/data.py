@@ -115,25 +115,23 @@ def load_split(
     for m in task.modalities:
         if model.strategy.adapts(m):
             continue
-        present_rows = [i for i in range(len(ids)) if bool(presence[i, MODALITY_ORDER.index(m)])]
-        subset = dataset.select(present_rows) if present_rows else None
-        dim = backbone.embed_dim(m)
-        features = torch.zeros(len(ids), dim)
-        if subset is not None and len(subset):
+        present = presence[:, MODALITY_ORDER.index(m)].unsqueeze(1)
 
-            def encode(raw: list[Any], m: Modality = m) -> torch.Tensor:
-                return backbone.embed(m, list(raw)).float().cpu()
+        def encode(raw: list[Any], m: Modality = m) -> torch.Tensor:
+            return backbone.embed(m, list(raw)).float().cpu()
 
-            column = encode_column(
-                subset,
-                m.value,
-                encode,
-                key_column=_key_column(dataset, m),
-                cache_path=feature_dir / f"{cache_tag}-{m.value}-{task.name}-{name}.st",
-                batch_size=64,
-                desc=f"{name} {m.value}",
-            )
-            features[present_rows] = column.lookup([keys[m][i] for i in present_rows])
+        # Every distinct input of the split is encoded (and cached) whatever the mask, so one
+        # cache serves every missing setting; absent rows are zeroed right after.
+        column = encode_column(
+            dataset,
+            m.value,
+            encode,
+            key_column=_key_column(dataset, m),
+            cache_path=feature_dir / f"{cache_tag}-{m.value}-{task.name}-{name}.st",
+            batch_size=64,
+            desc=f"{name} {m.value}",
+        )
+        features = column.lookup(keys[m]) * present
         split.features[m] = features
     return split
 
