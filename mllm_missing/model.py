@@ -131,8 +131,6 @@ class MissingModalityModel(nn.Module):
         cls, directory: str | Path, backbone: Backbone | None = None, **backbone_options: Any
     ) -> MissingModalityModel:
         """Rebuild a saved model; the backbone comes from its preset unless one is given."""
-        from safetensors.torch import load_file
-
         folder = Path(directory)
         path = folder / MODEL_CONFIG
         if not path.is_file():
@@ -146,12 +144,19 @@ class MissingModalityModel(nn.Module):
 
             backbone = get_backbone(spec["backbone"], **backbone_options)
         model = build_model(spec, backbone, {Modality(k): v for k, v in spec["dims"].items()})
-        model.strategy.load_files(folder)
+        model.load_weights(folder)
+        return model
+
+    def load_weights(self, directory: str | Path) -> None:
+        """Load saved strategy and head weights into this model (same settings)."""
+        from safetensors.torch import load_file
+
+        folder = Path(directory)
         head = folder / HEAD_WEIGHTS
         if not head.is_file():
             raise DataFormatError(f"{head}: not found")
-        model.classifier.load_state_dict(load_file(str(head)))
-        return model
+        self.strategy.load_files(folder)
+        self.classifier.load_state_dict(load_file(str(head)))
 
 
 def build_model(

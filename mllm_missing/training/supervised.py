@@ -212,7 +212,9 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]
         output_dir=str(output),
     )
     result = fit(supervised, loop, resume=resume)
-    best = MissingModalityModel.from_pretrained(output / "best", backbone=backbone).to(device)
+    # The best weights go into the model already on the backbone (a LoRA cannot be injected twice).
+    model.load_weights(output / "best")
+    best = model
     rows = []
     for setting in config.test_missing:
         missing = MissingConfig.parse(setting, seed=config.seed)

@@ -98,3 +98,18 @@ def test_train_saves_reloads_and_resumes(tmp_path: Path) -> None:
     first = reloaded.strategy.state_dict()
     assert all(torch.isfinite(v).all() for v in first.values())
     del predict
+
+
+EASY_VQA = sorted((RECIPES / "easy_vqa").glob("offline-default_*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EASY_VQA, ids=lambda p: p.stem)
+def test_every_easy_vqa_recipe_trains(path: Path, tmp_path: Path) -> None:
+    from mllm_missing.training.supervised import run_training
+
+    overrides = ["limit_train=300", "limit_val=100", "limit_test=100", "epochs=1",
+                 f"output_dir={tmp_path}"]  # fmt: skip
+    results = run_training(load_train_config(path, overrides))
+    assert results["strategy"]["method"] == load_train_config(path).strategy["method"]
+    assert all(0.0 <= row["metrics"]["accuracy"] <= 1.0 for row in results["test"])

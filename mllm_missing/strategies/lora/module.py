@@ -50,12 +50,16 @@ def _peft_root(backbone: Any, modality: Modality) -> tuple[Any, Any] | None:
     """(the inner model peft injects into, the tower's transformer inside it), None if unknown."""
     from mllm_missing.backbones.clip import CLIPBackbone
     from mllm_missing.backbones.clip_blocks import text_tower
+    from mllm_missing.backbones.default import OfflineDefaultBackbone
     from mllm_missing.backbones.hf_towers import (
         CausalLMBackbone,
         SentenceEncoderBackbone,
         WhisperEncoderBackbone,
     )
 
+    if isinstance(backbone, OfflineDefaultBackbone):
+        # The CNN image tower has no linear blocks worth adapting; the MiniLM tower does.
+        return _peft_root(backbone.text, modality) if modality is Modality.TEXT else None
     if isinstance(backbone, CLIPBackbone):
         root = backbone.model
         if modality is Modality.IMAGE:
