@@ -11,7 +11,7 @@ from torch import nn
 from mllm_missing.data.base import TaskType
 from mllm_missing.strategies.fusion import Fusion
 from mllm_missing.strategies.imputation import Imputation
-from mllm_missing.types import MODALITY_ORDER, Modality
+from mllm_missing.types import MODALITY_ORDER, Modality, presence_codes
 
 __all__ = [
     "ClassificationHead",
@@ -79,9 +79,7 @@ class PatternRoutedHead(nn.Module):
 
     def pattern_codes(self, presence: torch.Tensor) -> torch.Tensor:
         """Per-row pattern code: bit i set when the i-th modality of the head is present."""
-        flags = presence[:, self.columns].long()
-        weights = 2 ** torch.arange(len(self.columns), device=presence.device)
-        return (flags * weights).sum(dim=1)
+        return presence_codes(presence, [MODALITY_ORDER[c] for c in self.columns])
 
     def forward(self, features: torch.Tensor, presence: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, num_labels), each row from the head of its presence pattern."""

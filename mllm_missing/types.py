@@ -40,6 +40,21 @@ class Modality(str, Enum):
 MODALITY_ORDER: tuple[Modality, ...] = (Modality.IMAGE, Modality.TEXT, Modality.AUDIO)
 
 
+def presence_codes(
+    presence: torch.Tensor, modalities: Sequence[str | Modality] = MODALITY_ORDER
+) -> torch.Tensor:
+    """Per-row presence pattern as an integer: bit i set when ``modalities[i]`` is present.
+
+    Args:
+        presence: bool (batch, 3) with columns in `MODALITY_ORDER`.
+        modalities: the modalities the bits stand for, in bit order.
+    """
+    columns = [MODALITY_ORDER.index(Modality.parse(m)) for m in modalities]
+    flags = presence[:, columns].long()
+    weights = 2 ** torch.arange(len(columns), device=presence.device)
+    return (flags * weights).sum(dim=1)
+
+
 class EmptyPayloadError(ValueError):
     """A modality is marked present but its payload is empty, or absent but a payload is given."""
 

@@ -27,7 +27,7 @@ from torch import nn
 from mllm_missing.backbones.base import Backbone, EncoderOutput, LayerPrompts
 from mllm_missing.errors import ConfigError
 from mllm_missing.registry import Registry
-from mllm_missing.types import MODALITY_ORDER, Modality
+from mllm_missing.types import Modality, presence_codes
 
 __all__ = [
     "STRATEGIES",
@@ -42,7 +42,6 @@ __all__ = [
 #: Strategy name -> its config dataclass (module paths of the modules load lazily).
 STRATEGIES: Registry[type[StrategyConfig]] = Registry("strategy")
 _LAZY_CONFIGS = {
-    "none": "mllm_missing.strategies.base:NoStrategyConfig",
     "map_prompts": "mllm_missing.strategies.map_prompts.config:MapPromptsConfig",
     "modality_prompts": "mllm_missing.strategies.modality_prompts.config:ModalityPromptsConfig",
     "correlated_prompts": (
@@ -113,11 +112,14 @@ def strategy_config_from_dict(values: Mapping[str, Any]) -> StrategyConfig:
         raise ConfigError(f"strategy ({method}): {exc}") from None
 
 
+def _register_lazy() -> None:
+    for name, target in _LAZY_CONFIGS.items():
+        if name not in STRATEGIES:
+            STRATEGIES.register_lazy(name, target)
+
+
 def _config_class(method: str) -> type[StrategyConfig]:
-    if method not in STRATEGIES:
-        for name, target in _LAZY_CONFIGS.items():
-            if name not in STRATEGIES:
-                STRATEGIES.register_lazy(name, target)
+    _register_lazy()
     if method not in STRATEGIES:
         raise ConfigError(
             f"strategy.method must be one of {', '.join(STRATEGIES.names())}; got {method!r}"
@@ -127,9 +129,7 @@ def _config_class(method: str) -> type[StrategyConfig]:
 
 def available_strategies() -> list[str]:
     """Every registered strategy name."""
-    for name, target in _LAZY_CONFIGS.items():
-        if name not in STRATEGIES:
-            STRATEGIES.register_lazy(name, target)
+    _register_lazy()
     return STRATEGIES.names()
 
 
@@ -140,10 +140,7 @@ def case_codes(presence: torch.Tensor, modalities: Sequence[Modality]) -> torch.
     only the first modality, the last index the complete case. A row with none of `modalities`
     raises (there is no case for it).
     """
-    columns = [MODALITY_ORDER.index(Modality.parse(m)) for m in modalities]
-    flags = presence[:, columns].long()
-    weights = 2 ** torch.arange(len(columns), device=presence.device)
-    codes = (flags * weights).sum(dim=1)
+    codes = presence_codes(presence, modalities)
     if bool((codes == 0).any()):
         row = int((codes == 0).nonzero()[0])
         names = ", ".join(Modality.parse(m).value for m in modalities)

@@ -20,7 +20,7 @@ from mllm_missing.backbones.features import encode_column
 from mllm_missing.data.base import TaskInfo, cache_root
 from mllm_missing.missing import MissingConfig, get_mask_table
 from mllm_missing.model import MissingModalityModel
-from mllm_missing.types import MODALITY_ORDER, Modality
+from mllm_missing.types import MODALITY_ORDER, Modality, presence_codes
 
 __all__ = ["SplitData", "embed_rows", "load_split", "placeholder"]
 
@@ -149,7 +149,7 @@ def embed_rows(
             out[m] = split.features[m][rows].to(device)
             continue
         column = MODALITY_ORDER.index(m)
-        pattern = (presence.long() * torch.tensor([1, 2, 4])).sum(dim=1).tolist()
+        pattern = presence_codes(presence).tolist()
         pairs: dict[tuple[str | None, int], int] = {}
         inverse: list[int] = []
         first: list[int] = []
