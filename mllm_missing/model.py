@@ -92,14 +92,13 @@ class MissingModalityModel(nn.Module):
                 zero and are filled by the imputation.
             presence: bool (batch, 3) in `MODALITY_ORDER`.
         """
-        cached = {m: x for m, x in embeddings.items() if m not in self.adapted()}
-        zeroed = dict(cached)
-        for m in self.adapted():
-            keep = presence[:, MODALITY_ORDER.index(m)].unsqueeze(1)
-            zeroed[m] = embeddings[m] * keep
+        adapted = self.adapted()
+        zeroed = {
+            m: x * presence[:, MODALITY_ORDER.index(m)].unsqueeze(1) if m in adapted else x
+            for m, x in embeddings.items()
+        }
         filled = self.classifier.imputation(zeroed, presence)
-        for m in self.adapted():
-            filled[m] = embeddings[m]
+        filled.update({m: embeddings[m] for m in adapted})
         return self.classifier.head(self.classifier.fusion(filled, presence), presence)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

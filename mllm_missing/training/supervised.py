@@ -6,7 +6,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -197,20 +197,9 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]
     }  # fmt: skip
     model.classifier.imputation.fit(splits["train"].features, splits["train"].presence)
     supervised = SupervisedTask(model, task, splits["train"], splits["val"])
-    loop = LoopConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_ratio=config.warmup_ratio,
-        grad_accum=config.grad_accum,
-        max_grad_norm=config.max_grad_norm,
-        mixed_precision=config.mixed_precision,
-        seed=config.seed,
-        checkpoint_every=config.checkpoint_every,
-        log=config.log,
-        output_dir=str(output),
-    )
+    # The loop's settings are TrainConfig fields of the same names.
+    names = [f.name for f in fields(LoopConfig) if f.name != "output_dir"]
+    loop = LoopConfig(**{n: getattr(config, n) for n in names}, output_dir=str(output))
     result = fit(supervised, loop, resume=resume)
     # The best weights go into the model already on the backbone (a LoRA cannot be injected twice).
     model.load_weights(output / "best")

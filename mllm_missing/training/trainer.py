@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mllm_missing.atomic import atomic_directory, atomic_write_text
+from mllm_missing.atomic import atomic_directory, atomic_write, atomic_write_text
 from mllm_missing.errors import ConfigError, DataFormatError
 
 __all__ = ["LoopConfig", "TrainResult", "TrainTask", "fit"]
@@ -155,31 +155,28 @@ class _Logs:
                     "log: tensorboard is not installed; pip install tensorboard"
                 ) from exc
             self.writer = SummaryWriter(str(output / "tensorboard"))
+        # Rows live in memory; each add rewrites the file atomically from them (no re-read).
+        self.rows: list[dict[str, Any]] = []
         if kind in ("csv", "both") and self.path.is_file():
             with self.path.open(encoding="utf-8") as handle:
-                kept = [
+                self.rows = [
                     r
                     for r in csv.DictReader(handle)
                     if int(r["step"]) < from_step
                     or (int(r["step"]) == from_step and r["split"] == "val")
                 ]
-            self._rewrite(kept)
+            self._write_csv()
 
-    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        self._write_csv(rows)
-
-    def _write_csv(self, rows: list[dict[str, Any]]) -> None:
+    def _write_csv(self) -> None:
         columns: list[str] = []
-        for row in rows:
+        for row in self.rows:
             columns += [k for k in row if k not in columns]
 
         def write(path: Path) -> None:
             with path.open("w", newline="", encoding="utf-8") as handle:
                 writer = csv.DictWriter(handle, fieldnames=columns)
                 writer.writeheader()
-                writer.writerows(rows)
-
-        from mllm_missing.atomic import atomic_write
+                writer.writerows(self.rows)
 
         atomic_write(self.path, write)
 
@@ -188,13 +185,9 @@ class _Logs:
             for key, value in row.items():
                 if isinstance(value, float) and key not in ("epoch", "step"):
                     self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
-        if self.kind not in ("csv", "both"):
-            return
-        rows = []
-        if self.path.is_file():
-            with self.path.open(encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
-        self._write_csv([*rows, row])
+        if self.kind in ("csv", "both"):
+            self.rows.append(row)
+            self._write_csv()
 
 
 def fit(
