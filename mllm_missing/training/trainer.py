@@ -139,7 +139,7 @@ def _schedule(total: int, warmup_ratio: float) -> Any:
 
 
 class _Logs:
-    """CSV (and optionally TensorBoard) logs; rows at or after `from_step` are dropped on resume."""
+    """CSV (and optionally TensorBoard) logs; rows after `from_step` are dropped on resume."""
 
     def __init__(self, output: Path, kind: str, from_step: int) -> None:
         self.path = output / "log.csv"
@@ -159,12 +159,8 @@ class _Logs:
         self.rows: list[dict[str, Any]] = []
         if kind in ("csv", "both") and self.path.is_file():
             with self.path.open(encoding="utf-8") as handle:
-                self.rows = [
-                    r
-                    for r in csv.DictReader(handle)
-                    if int(r["step"]) < from_step
-                    or (int(r["step"]) == from_step and r["split"] == "val")
-                ]
+                # Every row up to the checkpoint's step was logged before it was written.
+                self.rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= from_step]
             self._write_csv()
 
     def _write_csv(self) -> None:

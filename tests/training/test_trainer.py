@@ -123,3 +123,11 @@ def test_failed_save_keeps_the_previous_best(tmp_path: Path) -> None:
 def test_config_checks(field: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         LoopConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_resumed_log_has_every_step_once(tmp_path: Path) -> None:
+    fit(Toy(), loop(tmp_path), stop_after_steps=9)  # mid-epoch checkpoint at step 9
+    fit(Toy(), loop(tmp_path), resume=True)
+    with (tmp_path / "log.csv").open() as handle:
+        steps = [int(r["step"]) for r in csv.DictReader(handle) if r["split"] == "train"]
+    assert steps == list(range(1, 19))
