@@ -209,6 +209,26 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(subparsers: Any) -> None:
+    # evals.run imports nothing heavy at module level; torch and the models load in _run_eval.
+    from evals.run import add_arguments
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate trained checkpoints under missing modalities (tables, plots, anchors)",
+        description="Score checkpoints from `mllm-missing train` on MM-IMDb, Hateful Memes or "
+        "easy-VQA at test missing settings from seeded mask tables; write results.json, "
+        "results.md and a plot. Resumable: each (checkpoint, setting) result is saved when done.",
+    )
+    add_arguments(parser)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from evals.run import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mllm-missing`."""
     from mllm_missing import __version__
@@ -218,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_backbones(subparsers)
+    _add_eval(subparsers)
     _add_prepare(subparsers)
     _add_quickstart(subparsers)
     _add_train(subparsers)
@@ -226,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {
     "backbones": _run_backbones,
+    "eval": _run_eval,
     "prepare": _run_prepare,
     "quickstart": _run_quickstart,
     "train": _run_train,

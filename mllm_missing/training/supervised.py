@@ -17,13 +17,24 @@ from mllm_missing.atomic import atomic_write_text
 from mllm_missing.data.base import TaskInfo, TaskType
 from mllm_missing.heads import task_loss
 from mllm_missing.metrics import bootstrap_ci, compute_metrics
-from mllm_missing.missing import MissingConfig
+from mllm_missing.missing import MissingConfig, MissingType
 from mllm_missing.model import MissingModalityModel, build_model
 from mllm_missing.training.config import TrainConfig
 from mllm_missing.training.data import SplitData, embed_rows, load_split
 from mllm_missing.types import MODALITY_ORDER
 
-__all__ = ["SupervisedTask", "run_training"]
+__all__ = [
+    "SupervisedTask",
+    "evaluate_missing",
+    "feature_cache_tag",
+    "load_backbone",
+    "predict",
+    "resolve_device",
+    "run_training",
+    "score",
+    "score_interval",
+    "training_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +61,21 @@ def _load_task(config: TrainConfig) -> tuple[TaskInfo, Any]:
     return MEMES, lambda s: load_hateful_memes(root, s, cache_dir=config.cache_dir)
 
 
-def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]`` as a torch device."""
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    return torch.device(name)
+
+
+def load_backbone(name: str, *, weights: str | None, image_size: int, device: torch.device) -> Any:
+    """The frozen backbone of preset `name` on `device` (the offline default at `image_size`)."""
+    from mllm_missing.backbones.presets import get_backbone, get_preset
+
+    options: dict[str, Any] = {"device": device}
+    if get_preset(name).family == "offline_default":
+        options["image_size"] = image_size
+    return get_backbone(name, weights=weights, **options)
 
 
 def _limit(dataset: Any, limit: int | None) -> Any:
@@ -142,21 +164,88 @@ def score(task: TaskInfo, labels: torch.Tensor, logits: torch.Tensor) -> dict[st
     return compute_metrics(task.task_type.value, labels.numpy(), scores.numpy(), from_logits=True)
 
 
-def _interval(task: TaskInfo, labels: torch.Tensor, logits: torch.Tensor, seed: int) -> list[float]:
+def score_interval(
+    task: TaskInfo, labels: torch.Tensor, logits: torch.Tensor, seed: int, n_resamples: int = 200
+) -> list[float]:
+    """95 % bootstrap interval (over samples) of the task's headline metric."""
+
     def metric(y: np.ndarray, s: np.ndarray) -> float:
         return score(task, torch.from_numpy(y), torch.from_numpy(s))[task.metric]
 
-    low, high = bootstrap_ci(metric, labels.numpy(), logits.numpy(), n_resamples=200, seed=seed)
+    low, high = bootstrap_ci(
+        metric, labels.numpy(), logits.numpy(), n_resamples=n_resamples, seed=seed
+    )
     return [low, high]
 
 
-def run_training(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+def feature_cache_tag(backbone: Any, image_size: int) -> str:
+    """Names the backbone settings in feature-cache file names."""
+    return f"{backbone.name}-{image_size}"
+
+
+def evaluate_missing(
+    model: MissingModalityModel,
+    dataset: Any,
+    split_name: str,
+    task: TaskInfo,
+    missing: MissingConfig,
+    *,
+    mask_root: Path,
+    cache_dir: str | None,
+    cache_tag: str,
+    seed: int,
+    n_resamples: int = 200,
+) -> dict[str, Any]:
+    """Score `model` on one split under one missing setting (the seeded table under `mask_root`).
+
+    The one evaluation path: `run_training` scores its test settings with it and the eval
+    runner (`evals/run.py`) every (checkpoint, setting) pair.
+
+    Returns:
+        ``missing`` (description), ``missing_type``, ``missing_rate``, ``metrics`` (every metric
+        of the task) and ``ci95`` (bootstrap interval of the headline metric).
+    """
+    split = load_split(
+        dataset, split_name, task, missing, model,
+        mask_root=mask_root, cache_dir=cache_dir, cache_tag=cache_tag,
+    )  # fmt: skip
+    logits = predict(model, split)
+    return {
+        "missing": missing.describe(),
+        "missing_type": MissingType(missing.type).value,
+        "missing_rate": missing.rate,
+        "metrics": score(task, split.labels, logits),
+        "ci95": score_interval(task, split.labels, logits, seed, n_resamples),
+    }
+
+
+def training_settings(config: TrainConfig) -> dict[str, Any]:
+    """The training settings a checkpoint records (``model_config.json`` key ``training``), so
+    an evaluation knows the train-time missing setting and rebuilds the same backbone inputs."""
+    return {
+        "dataset": config.dataset,
+        "train_missing": config.train_missing,
+        "seed": config.seed,
+        "image_size": config.image_size,
+        "text_mode": config.text_mode,
+        "backbone_weights": config.backbone_weights,
+    }
+
+
+def run_training(
+    config: TrainConfig, *, resume: bool = False, backbone: Any = None
+) -> dict[str, Any]:
     """Train, keep the best validation checkpoint, score it on the test split, write results.json.
+
+    Args:
+        config: the run's settings.
+        resume: continue from the last checkpoint in ``output_dir``.
+        backbone: an already built frozen backbone used instead of the preset's (tests pass
+            tiny ones built from configs); the preset name is still what the checkpoint records.
 
     Returns:
         The results written to ``output_dir/results.json``.
     """
-    from mllm_missing.backbones.presets import get_backbone, get_preset
     from mllm_missing.training.trainer import LoopConfig, fit
 
     started = time.perf_counter()
@@ -166,11 +255,12 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]
     output = Path(config.output_dir)
     task, load = _load_task(config)
     datasets = _splits(config, load)
-    device = _device(config)
-    options: dict[str, Any] = {"device": device}
-    if get_preset(config.backbone).family == "offline_default":
-        options["image_size"] = config.image_size
-    backbone = get_backbone(config.backbone, weights=config.backbone_weights, **options)
+    device = resolve_device(config.device)
+    if backbone is None:
+        backbone = load_backbone(
+            config.backbone, weights=config.backbone_weights, image_size=config.image_size,
+            device=device,
+        )  # fmt: skip
     dims = {m: backbone.embed_dim(m) for m in task.modalities}
     spec = {
         "backbone": config.backbone,
@@ -184,9 +274,10 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]
         "num_labels": task.num_labels,
         "label_names": list(task.label_names),
         "modalities": [m.value for m in task.modalities],
+        "training": training_settings(config),
     }
     model = build_model(spec, backbone, dims).to(device)
-    tag = f"{backbone.name}-{config.image_size}"
+    tag = feature_cache_tag(backbone, config.image_size)
     train_missing = MissingConfig.parse(config.train_missing, seed=config.seed)
     splits = {
         name: load_split(
@@ -203,28 +294,16 @@ def run_training(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]
     result = fit(supervised, loop, resume=resume)
     # The best weights go into the model already on the backbone (a LoRA cannot be injected twice).
     model.load_weights(output / "best")
-    best = model
     rows = []
     for setting in config.test_missing:
         missing = MissingConfig.parse(setting, seed=config.seed)
-        split = load_split(
-            datasets["test"], "test", task, missing, best,
-            mask_root=output / "masks", cache_dir=config.cache_dir, cache_tag=tag,
+        row = evaluate_missing(
+            model, datasets["test"], "test", task, missing,
+            mask_root=output / "masks", cache_dir=config.cache_dir, cache_tag=tag, seed=config.seed,
         )  # fmt: skip
-        logits = predict(best, split)
-        metrics = score(task, split.labels, logits)
-        rows.append(
-            {
-                "missing": missing.describe(),
-                "missing_type": missing.type.value
-                if hasattr(missing.type, "value")
-                else missing.type,
-                "missing_rate": missing.rate,
-                "metrics": metrics,
-                "ci95": _interval(task, split.labels, logits, config.seed),
-            }
-        )
-        logger.info("test %s: %s %.4f", missing.describe(), task.metric, metrics[task.metric])
+        rows.append(row)
+        value = row["metrics"][task.metric]
+        logger.info("test %s: %s %.4f", missing.describe(), task.metric, value)
     results = {
         "task": task.name,
         "metric": task.metric,

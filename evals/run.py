@@ -1,0 +1,429 @@
+"""The evaluation runner: score trained checkpoints on a task under missing-modality settings.
+
+``mllm-missing eval --task mmimdb --data-root DIR --checkpoint runs/x --missing both:0.7`` (or
+``python -m evals.run ...``) loads the task's labelled split, evaluates every (checkpoint, test
+setting) pair through the training code's own evaluation path (`evaluate_missing`: seeded mask
+table, frozen features, the model, the metrics and a bootstrap interval), and writes
+``results.json``, ``results.md`` and a plot. Each pair is saved as soon as it is done, so an
+interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mllm_missing.atomic import atomic_write_text
+from mllm_missing.errors import ConfigError, DataFormatError, MllmMissingError
+
+__all__ = ["EvalConfig", "Method", "add_arguments", "main", "resolve_settings", "run_eval"]
+
+logger = logging.getLogger(__name__)
+
+#: Test rates of ``--sweep``.
+SWEEP_RATES = tuple(round(0.1 * i, 1) for i in range(11))
+#: Settings of the output folder that change the numbers; a rerun must match them.
+_IDENTITY = ("task", "data_root", "split", "seed", "bootstrap", "limit", "text_mode")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run (the flags of `mllm-missing eval`).
+
+    Args:
+        task: ``mmimdb``, ``hateful_memes`` or ``easy_vqa``.
+        checkpoints: ``DIR`` or ``NAME=DIR``; DIR is a training output_dir or its ``best/``.
+        data_root: folder of the official release (MM-IMDb, Hateful Memes).
+        split: the split scored (default: the task's labelled test split).
+        missing: test settings ``TYPE:RATE``; default ``both:0.7`` when no sweep is given.
+        sweep: missing types swept over test rates 0, 0.1, ..., 1.0.
+        compare: add the published anchors for the same setting.
+        output_dir: where results (and the per-setting files that make a run resumable) go.
+        seed: seed of the mask tables and of the bootstrap.
+        bootstrap: bootstrap resamples of the 95 % interval.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        limit: score only the first N samples of the split.
+        text_mode: MM-IMDb samples, ``movie`` or ``plot`` (default: the checkpoint's).
+        cache_dir: dataset/feature cache (default ~/.cache/mllm_missing).
+        backbone_weights: local weights of hub backbones (default: the checkpoint's).
+        overwrite: discard earlier results in output_dir made with other settings.
+        threads: torch CPU threads (0: torch's default).
+    """
+
+    task: str
+    checkpoints: tuple[str, ...]
+    data_root: str | None = None
+    split: str | None = None
+    missing: tuple[str, ...] = ()
+    sweep: tuple[str, ...] = ()
+    compare: bool = False
+    output_dir: str = "runs/eval"
+    seed: int = 0
+    bootstrap: int = 1000
+    device: str = "auto"
+    limit: int | None = None
+    text_mode: str | None = None
+    cache_dir: str | None = None
+    backbone_weights: str | None = None
+    overwrite: bool = False
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        from evals.tasks import TASKS
+
+        if self.task not in TASKS.names():
+            raise ConfigError(f"task must be one of {', '.join(TASKS.names())}; got {self.task!r}")
+        self.checkpoints = tuple(self.checkpoints)
+        self.missing, self.sweep = tuple(self.missing), tuple(self.sweep)
+        if not self.checkpoints:
+            raise ConfigError("checkpoint: give at least one --checkpoint DIR (or NAME=DIR)")
+        if self.task != "easy_vqa" and not self.data_root:
+            raise ConfigError(f"data_root: {self.task} needs the folder of its official release")
+        if self.text_mode not in (None, "movie", "plot"):
+            raise ConfigError(f"text_mode must be one of movie, plot; got {self.text_mode!r}")
+        if self.bootstrap < 1:
+            raise ConfigError(f"bootstrap must be >= 1; got {self.bootstrap}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1; got {self.limit}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+        resolve_settings(self)
+
+
+@dataclass
+class Method:
+    """A checkpoint under evaluation.
+
+    Attributes:
+        name: its label in tables (``NAME=`` or the run folder's name).
+        path: the saved model folder (``model_config.json`` + weights).
+        spec: its ``model_config.json``.
+        training: its training settings (train_missing, image_size, ...); empty if unknown.
+        fingerprint: sha256 over the folder's files (a changed checkpoint is not resumed).
+    """
+
+    name: str
+    path: Path
+    spec: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def train_missing(self) -> str:
+        """The train-time setting ``TYPE:RATE``, or ``unknown``."""
+        return str(self.training.get("train_missing", "unknown"))
+
+
+def resolve_settings(config: EvalConfig) -> list[Any]:
+    """The test settings to score: all-present first, then per type by rising rate.
+
+    A rate of 0 is the same table whatever the type, so it is scored once (as ``both:0.0``);
+    it is added whenever a 70 % setting is asked for, for the robustness ratio.
+    """
+    from evals.tasks import TASKS
+    from mllm_missing.missing import MissingConfig, MissingType
+
+    modalities = {m.value for m in TASKS.get(config.task).info.modalities}
+    requested = [MissingConfig.parse(s, seed=config.seed) for s in config.missing]
+    for kind in config.sweep:
+        requested += [MissingConfig(type=kind, rate=r, seed=config.seed) for r in SWEEP_RATES]
+    if not requested:
+        requested = [MissingConfig.parse("both:0.7", seed=config.seed)]
+    for setting in requested:
+        kind = MissingType(setting.type).value
+        if kind not in ("both", "any") and kind not in modalities:
+            raise ConfigError(
+                f"missing type {kind!r} is not a modality of {config.task} "
+                f"({', '.join(sorted(modalities))}); use one of them, both or any"
+            )
+    if any(s.rate == 0.7 for s in requested):
+        requested.append(MissingConfig(type="both", rate=0.0, seed=config.seed))
+    requested = [MissingConfig(type="both", rate=0.0, seed=config.seed) if s.rate == 0 else s
+                 for s in requested]  # fmt: skip
+    kinds = list(dict.fromkeys(MissingType(s.type).value for s in requested if s.rate > 0))
+    unique = {s.slug: s for s in requested}
+    return sorted(
+        unique.values(),
+        key=lambda s: (s.rate > 0, kinds.index(MissingType(s.type).value) if s.rate else 0, s.rate),
+    )
+
+
+def _fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _training_settings(folder: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """From the checkpoint's spec, or (older checkpoints) the run's ``results.json`` config."""
+    if isinstance(spec.get("training"), dict):
+        return dict(spec["training"])
+    results = folder.parent / "results.json"
+    if results.is_file():
+        try:
+            config = json.loads(results.read_text(encoding="utf-8")).get("config", {})
+        except json.JSONDecodeError:
+            return {}
+        keys = ("dataset", "train_missing", "seed", "image_size", "text_mode", "backbone_weights")
+        return {k: config[k] for k in keys if k in config}
+    return {}
+
+
+def resolve_method(spec: str, task: Any) -> Method:
+    """Read ``NAME=DIR`` / ``DIR`` and check the checkpoint fits `task` (its TaskInfo)."""
+    name, sep, directory = spec.partition("=")
+    if not sep:
+        name, directory = "", spec
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint {directory!r}: no such folder")
+    if not (folder / "model_config.json").is_file() and (folder / "best").is_dir():
+        folder = folder / "best"
+    config_path = folder / "model_config.json"
+    if not config_path.is_file():
+        raise DataFormatError(
+            f"checkpoint {directory!r}: no model_config.json in it or in its best/; "
+            "pass a training output_dir or its best/ folder"
+        )
+    try:
+        model_spec = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{config_path}: not valid JSON ({exc})") from None
+    trained_on = model_spec.get("task")
+    if trained_on != task.name or model_spec.get("num_labels") != task.num_labels:
+        raise ConfigError(
+            f"checkpoint {directory!r} was trained for {trained_on} with "
+            f"{model_spec.get('num_labels')} label(s); task {task.name} needs {task.num_labels}"
+        )
+    if not name:
+        name = (folder.parent if folder.name == "best" else folder).resolve().name
+    if not _NAME.match(name):
+        raise ConfigError(f"checkpoint name {name!r}: use letters, digits and _ . + -")
+    training = _training_settings(folder, model_spec)
+    return Method(name, folder, model_spec, training, _fingerprint(folder))
+
+
+def _identity(config: EvalConfig, methods: Sequence[Method]) -> dict[str, Any]:
+    ident: dict[str, Any] = {k: getattr(config, k) for k in _IDENTITY}
+    if ident["data_root"]:
+        ident["data_root"] = str(Path(ident["data_root"]).resolve())
+    ident["methods"] = {m.name: m.fingerprint for m in methods}
+    return ident
+
+
+def _check_output(config: EvalConfig, ident: dict[str, Any], output: Path) -> dict[str, Any]:
+    """Refuse an output folder holding results made with other settings (unless --overwrite);
+    return the identity to store (methods evaluated earlier are kept)."""
+    path = output / "eval_config.json"
+    if not path.is_file():
+        return ident
+    old = json.loads(path.read_text(encoding="utf-8"))
+    differ = [k for k in _IDENTITY if old.get(k) != ident[k]]
+    changed = [n for n, f in ident["methods"].items() if old.get("methods", {}).get(n, f) != f]
+    differ += [f"checkpoint {n} (its files changed)" for n in changed]
+    if differ and not config.overwrite:
+        details = "; ".join(
+            f"{k}: {old.get(k)!r} then, {ident[k]!r} now" if k in ident else k for k in differ
+        )
+        raise ConfigError(
+            f"{output} holds results made with other settings ({details}); pass --overwrite "
+            "to discard them or choose another --output-dir"
+        )
+    if differ:
+        shutil.rmtree(output / "rows", ignore_errors=True)
+        shutil.rmtree(output / "masks", ignore_errors=True)
+        return ident
+    return {**ident, "methods": {**old.get("methods", {}), **ident["methods"]}}
+
+
+def run_eval(
+    config: EvalConfig, *, backbone_factory: Callable[[Method], Any] | None = None
+) -> dict[str, Any]:
+    """Evaluate every checkpoint at every test setting; write results.json, results.md, a plot.
+
+    Args:
+        config: the run's settings.
+        backbone_factory: builds the frozen backbone of a checkpoint instead of its preset
+            (tests pass tiny backbones built from configs).
+
+    Returns:
+        The results written to ``output_dir/results.json``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from evals.report import write_eval_results
+    from evals.tasks import TASKS
+    from mllm_missing.model import MissingModalityModel
+    from mllm_missing.training.supervised import (
+        feature_cache_tag,
+        load_backbone,
+        resolve_device,
+    )
+
+    started = time.perf_counter()
+    settings = resolve_settings(config)
+    task_class = TASKS.get(config.task)
+    info = task_class.info
+    methods = [resolve_method(spec, info) for spec in config.checkpoints]
+    names = [m.name for m in methods]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"checkpoint names must differ; got {names} (use NAME=DIR)")
+    if config.text_mode is None:
+        modes = {m.training.get("text_mode", "movie") for m in methods}
+        config.text_mode = modes.pop() if len(modes) == 1 else "movie"
+    options: dict[str, Any] = {"cache_dir": config.cache_dir}
+    if config.task == "mmimdb":
+        options["text_mode"] = config.text_mode
+    task = task_class(config.data_root, **options)
+    split = config.split or task.eval_split
+    config.split = split
+    dataset = task.load(split)
+    task.references(dataset)  # a split without labels is refused before any work
+    if config.limit:
+        dataset = dataset.select(range(min(config.limit, len(dataset))))
+    output = Path(config.output_dir)
+    ident = _check_output(config, _identity(config, methods), output)
+    atomic_write_text(output / "eval_config.json", json.dumps(ident, indent=2, sort_keys=True))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+
+    def row_path(method: Method, setting: Any) -> Path:
+        return output / "rows" / method.name / f"{setting.slug}.json"
+
+    pending = [(m, s) for m in methods for s in settings if not row_path(m, s).is_file()]
+    reused = len(methods) * len(settings) - len(pending)
+    if reused:
+        logger.info("resuming: %d of %d results already in %s", reused, reused + len(pending),
+                    output)  # fmt: skip
+    progress = tqdm(total=len(pending), desc=f"eval {config.task}", unit="setting")
+    for method in methods:
+        todo = [s for m, s in pending if m is method]
+        if not todo:
+            continue
+        training = method.training
+        image_size = int(training.get("image_size", 128))
+        if backbone_factory is not None:
+            backbone = backbone_factory(method)
+        else:
+            weights = config.backbone_weights or training.get("backbone_weights")
+            backbone = load_backbone(
+                method.spec["backbone"], weights=weights, image_size=image_size, device=device
+            )
+        model = MissingModalityModel.from_pretrained(method.path, backbone=backbone).to(device)
+        for setting in todo:
+            progress.set_postfix_str(f"{method.name} {setting.describe()}")
+            row = evaluate_missing(
+                model, dataset, split, info, setting,
+                mask_root=output / "masks", cache_dir=config.cache_dir,
+                cache_tag=feature_cache_tag(backbone, image_size), seed=config.seed,
+                n_resamples=config.bootstrap,
+            )  # fmt: skip
+            row = {"method": method.name, "train_missing": method.train_missing, **row}
+            text = json.dumps(row, indent=2, sort_keys=True)
+            atomic_write_text(row_path(method, setting), text)
+            progress.update(1)
+        del model, backbone
+    progress.close()
+    rows = [
+        json.loads(row_path(m, s).read_text(encoding="utf-8")) for m in methods for s in settings
+    ]
+    return write_eval_results(
+        config, info, methods, settings, rows, len(dataset),
+        timing={"seconds": time.perf_counter() - started, "evaluated": len(pending),
+                "reused": reused},
+    )  # fmt: skip
+
+
+def evaluate_missing(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """`mllm_missing.training.supervised.evaluate_missing` (the training code's evaluation)."""
+    from mllm_missing.training.supervised import evaluate_missing as evaluate
+
+    return evaluate(*args, **kwargs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `mllm-missing eval` / `python -m evals.run`."""
+    parser.add_argument("--task", required=True, choices=["easy_vqa", "hateful_memes", "mmimdb"])
+    parser.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]DIR",
+                        help="a training output_dir or its best/; repeat for several methods, "
+                        "NAME= labels one")  # fmt: skip
+    parser.add_argument("--data-root", help="folder of the official release (MM-IMDb, Hateful "
+                        "Memes)")  # fmt: skip
+    parser.add_argument("--split", help="split scored (default: test; test_seen for Hateful "
+                        "Memes, whose test_unseen has no labels)")  # fmt: skip
+    parser.add_argument("--missing", action="append", default=[], metavar="TYPE:RATE",
+                        help="test setting, e.g. both:0.7 (repeatable; default both:0.7). Any "
+                        "70%% setting also scores the all-present setting, for the robustness "
+                        "ratio")  # fmt: skip
+    parser.add_argument("--sweep", action="append", default=[], metavar="TYPE",
+                        help="score TYPE at test rates 0, 0.1, ..., 1.0 (both at 1.0: every "
+                        "sample loses one modality, half text, half image)")  # fmt: skip
+    parser.add_argument("--compare", action="store_true",
+                        help="print the published figures (MAP, DCP, SyP, MoRA; not re-run) "
+                        "next to our rows for the same setting")  # fmt: skip
+    parser.add_argument("--output-dir", default="runs/eval", help="default runs/eval")
+    parser.add_argument("--seed", type=int, default=0, help="seed of masks and bootstrap")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--limit", type=int, help="score only the first N samples")
+    parser.add_argument("--text-mode", choices=["movie", "plot"],
+                        help="MM-IMDb: one sample per movie or per plot (default: the "
+                        "checkpoint's)")  # fmt: skip
+    parser.add_argument("--cache-dir", help="dataset/feature cache (default ~/.cache/mllm_missing)")
+    parser.add_argument("--backbone-weights", help="local weights for hub backbones (CLIP)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard results in --output-dir made with other settings")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The `EvalConfig` of parsed flags."""
+    return EvalConfig(
+        task=args.task, checkpoints=tuple(args.checkpoint), data_root=args.data_root,
+        split=args.split, missing=tuple(args.missing), sweep=tuple(args.sweep),
+        compare=args.compare, output_dir=args.output_dir, seed=args.seed,
+        bootstrap=args.bootstrap, device=args.device, limit=args.limit,
+        text_mode=args.text_mode, cache_dir=args.cache_dir,
+        backbone_weights=args.backbone_weights, overwrite=args.overwrite, threads=args.threads,
+    )  # fmt: skip
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run and print the tables (what the command line does)."""
+    config = config_from_args(args)
+    results = run_eval(config)
+    print(results["markdown"])
+    print(f"results in {config.output_dir}/ (results.json, results.md, plot)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m evals.run``: the same flags and output as ``mllm-missing eval``."""
+    parser = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run_from_args(args)
+    except MllmMissingError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
