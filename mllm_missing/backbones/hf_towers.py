@@ -316,9 +316,12 @@ def load_smollm2_backbone(
     cache_dir: str | Path | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    quantization: Any = None,
 ) -> CausalLMBackbone:
-    """SmolLM2-135M-Instruct as a text tower (offline; see `load_smollm2` for the caching)."""
-    return CausalLMBackbone(load_smollm2(cache_dir=cache_dir, dtype=dtype, device=device))
+    """SmolLM2-135M-Instruct as a text tower (offline; see `load_smollm2` for the caching and
+    `load_causal_lm` for `quantization`)."""
+    llm = load_smollm2(cache_dir=cache_dir, dtype=dtype, device=device, quantization=quantization)
+    return CausalLMBackbone(llm)
 
 
 def load_minilm_backbone(device: str | torch.device = "cpu") -> SentenceEncoderBackbone:

@@ -17,7 +17,15 @@ from typing import Any
 from mllm_missing.errors import ConfigError, DataFormatError
 from mllm_missing.types import Modality
 
-__all__ = ["FAMILIES", "Preset", "get_backbone", "get_preset", "list_presets", "preset_status"]
+__all__ = [
+    "FAMILIES",
+    "QUANTIZABLE_FAMILIES",
+    "Preset",
+    "get_backbone",
+    "get_preset",
+    "list_presets",
+    "preset_status",
+]
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
@@ -49,6 +57,8 @@ class Preset:
         lora_targets: module names LoRA adapts by default.
         packages: importable modules it needs.
         pretrained: open_clip pretrained tag, if any.
+        quantization: bitsandbytes quantization of the LLM's linear layers by default
+            (``none``, ``int8``, ``nf4``, ``fp4``); `hf_causal` presets only.
     """
 
     name: str
@@ -61,6 +71,7 @@ class Preset:
     lora_targets: tuple[str, ...] = ()
     packages: tuple[str, ...] = ()
     pretrained: str | None = None
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         where = f"preset {self.name!r}"
@@ -70,6 +81,7 @@ class Preset:
             raise ConfigError(f"{where}: dtype must be one of {', '.join(_DTYPES)}")
         if set(self.hidden_size) != set(self.modalities):
             raise ConfigError(f"{where}: hidden_size needs exactly one entry per modality")
+        _check_quantization(self.family, self.quantization, where)
 
     @classmethod
     def from_file(cls, path: Path) -> Preset:
@@ -80,7 +92,7 @@ class Preset:
             raise DataFormatError(f"{path}: not a readable JSON preset ({exc})") from None
         known = {
             "name", "description", "family", "model", "modalities", "hidden_size", "dtype",
-            "lora_targets", "packages", "pretrained",
+            "lora_targets", "packages", "pretrained", "quantization",
         }  # fmt: skip
         unknown = sorted(set(data) - known)
         if unknown:
@@ -101,11 +113,30 @@ class Preset:
                 lora_targets=tuple(data.get("lora_targets", ())),
                 packages=tuple(data.get("packages", ())),
                 pretrained=data.get("pretrained"),
+                quantization=data.get("quantization", "none"),
             )
         except KeyError as exc:
             raise ConfigError(f"{path}: preset field {exc.args[0]!r} is missing") from None
         except ValueError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+#: Families whose LLM `quantize_model` can quantize (their linear layers are transformers').
+QUANTIZABLE_FAMILIES = ("hf_causal",)
+
+
+def _check_quantization(family: str, quantization: Any, where: str) -> Any:
+    """The parsed quantization config; refused for families it does not support."""
+    from mllm_missing.inference.quantization import QuantizationConfig
+
+    config = QuantizationConfig.parse(quantization)
+    if config.enabled and family not in QUANTIZABLE_FAMILIES:
+        raise ConfigError(
+            f"{where}: quantization {config.mode!r} is supported for the "
+            f"{', '.join(QUANTIZABLE_FAMILIES)} family (transformers LLMs) only, not {family!r}; "
+            "CLIP, encoder and CNN towers stay in float"
+        )
+    return config
 
 
 @cache
@@ -161,7 +192,9 @@ def get_backbone(name: str, *, weights: str | Path | None = None, **options: Any
     Args:
         name: a preset name.
         weights: a local checkpoint for presets whose weights come from a hub (CLIP, VLMs).
-        **options: passed to the family's loader (e.g. ``device``, ``cache_dir``).
+        **options: passed to the family's loader (e.g. ``device``, ``cache_dir``);
+            ``quantization`` (a mode name such as ``"nf4"``, a dict of
+            `QuantizationConfig` fields, or a config) overrides the preset's.
 
     Raises:
         ConfigError: an unknown preset, or one that cannot load here (the message says why).
@@ -172,6 +205,11 @@ def get_backbone(name: str, *, weights: str | Path | None = None, **options: Any
     ok, reason = preset_status(preset, weights)
     if not ok:
         raise ConfigError(f"backbone preset {name!r} cannot load on this machine: {reason}")
+    quantization = _check_quantization(
+        preset.family, options.pop("quantization", preset.quantization), f"preset {name!r}"
+    )
+    if quantization.enabled:
+        options["quantization"] = quantization
     module_name, _, attr = FAMILIES[preset.family].partition(":")
     loader = getattr(importlib.import_module(module_name), attr)
     if preset.family in ("clip", "vlm"):

@@ -215,12 +215,3 @@ def test_routed_rows_go_through_their_case_adapter() -> None:
     assert after.mask is not None and torch.equal(after.mask, inputs["attention_mask"].bool())
     # the shared direct path uses the complete case's adapter, left untouched
     torch.testing.assert_close(backbone.encode(TEXT, inputs).pooled, before.pooled)
-
-
-def test_qlora_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    backbone = tiny_llama()
-    layer = backbone.llm.model.model.layers[0].self_attn.q_proj
-    fake = type("Linear4bit", (torch.nn.Linear,), {"__module__": "bitsandbytes.nn.modules"})
-    layer.__class__ = fake
-    with pytest.raises(ConfigError, match="QLoRA"):
-        build_strategy(lora(), backbone, MODALITIES)

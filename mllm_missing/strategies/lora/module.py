@@ -115,10 +115,19 @@ class LoraStrategy(Strategy):
         backbone: the frozen backbone (modified in place: its target layers get LoRA wrappers).
         modalities: the dataset's modalities (the routed cases are built over these).
 
+    QLoRA: on a backbone whose LLM was quantized with bitsandbytes (``get_backbone(...,
+    quantization="nf4")``), the adapters wrap the 4-bit or 8-bit layers (peft's bnb LoRA
+    layers). peft's ``prepare_model_for_kbit_training`` first casts the LLM's remaining 16-bit
+    parameters (norms, embeddings) to float32 for stable gradients; peft creates the adapter
+    weights in the 4-bit layers' ``compute_dtype`` (float32 weights for int8), and the frozen
+    quantized matmuls run in that dtype, on the CPU through bitsandbytes' differentiable kernels
+    (`enable_training_kernels`). Shared and routed adapters both work on a quantized base.
+
     Raises:
         ConfigError: no tower has the target modules (the message lists the modules found), a
-            listed tower has none, the backbone already carries LoRA layers, or its linear layers
-            are bitsandbytes layers (QLoRA).
+            listed tower has none, the backbone already carries LoRA layers, or it mixes
+            bitsandbytes layers into a tower that is not a transformers model (QLoRA is
+            supported on transformers LLMs only).
     """
 
     config: LoraStrategyConfig
@@ -171,12 +180,6 @@ class LoraStrategy(Strategy):
                     f"are {', '.join(_short_names(list(layers))) or 'none'}"
                 )
                 continue
-            quantized = [n for n in names if type(layers[n]).__module__.startswith("bitsandbytes")]
-            if quantized:
-                raise ConfigError(
-                    f"lora: {backbone.name!r} has bitsandbytes layers ({quantized[0]}, ...); "
-                    "QLoRA (a 4-bit base) needs the quantization issue, it is not supported yet"
-                )
             full = [f"{prefix}.{n}" if prefix else n for n in names]
             targeted[modality] = full
             head = re.escape(prefix) + r"\." if prefix else ""
@@ -194,6 +197,7 @@ class LoraStrategy(Strategy):
                 )
         self.towers = tuple(m for m in self.towers if m in targeted)
         self.targeted = targeted
+        self.quantized = _prepare_quantized(root, backbone.name)
         self.peft_config = LoraConfig(
             r=config.r,
             lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft annotates int, takes float
@@ -318,6 +322,29 @@ class LoraStrategy(Strategy):
                 raise ValueError(
                     f"{folder / _WEIGHTS_FILE}: missing {missing[:3]}, unexpected {unexpected[:3]}"
                 )
+
+
+def _prepare_quantized(root: nn.Module, name: str) -> bool:
+    """Prepare a bitsandbytes-quantized transformers model for LoRA training (QLoRA); False if
+    `root` is not quantized."""
+    from mllm_missing.inference.quantization import quantized_layers
+
+    if not quantized_layers(root):
+        return False
+    if not hasattr(root, "config") or not hasattr(root, "get_input_embeddings"):
+        raise ConfigError(
+            f"lora: {name!r} has bitsandbytes layers in a model that is not a transformers "
+            "model; QLoRA is supported on quantized transformers LLMs only"
+        )
+    from peft import prepare_model_for_kbit_training
+
+    from mllm_missing.inference.quantization import enable_training_kernels
+
+    was_training = root.training
+    prepare_model_for_kbit_training(root, use_gradient_checkpointing=False)
+    enable_training_kernels(root)  # else a frozen 4-bit base passes no gradient on the CPU
+    root.train(was_training)
+    return True
 
 
 def _take_rows(
