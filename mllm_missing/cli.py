@@ -229,6 +229,65 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _add_predict(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="predict with a trained checkpoint over a dataset split or a JSONL of requests",
+        description="Run a checkpoint from `mllm-missing train` on requests with any modalities "
+        "missing, batched by presence pattern; write one JSON line per request (id, presence, "
+        "modules, prediction with label name(s) and scores). A request line holds an optional "
+        "id and any of image (path), text, audio (path).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="training output_dir or its best/")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=("easy_vqa", "mmimdb", "hateful_memes"))
+    source.add_argument("--requests", metavar="FILE.jsonl", help="one JSON request per line")
+    parser.add_argument("--output", required=True, metavar="preds.jsonl")
+    parser.add_argument("--split", default="test", help="dataset split (default test)")
+    parser.add_argument("--data-root", default=None, help="mmimdb / hateful_memes files")
+    parser.add_argument("--missing", default=None, help="dataset only: TYPE:RATE (seeded mask)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --missing mask")
+    parser.add_argument("--limit", type=int, default=None, help="first N dataset samples only")
+    parser.add_argument("--on-error", choices=("stop", "skip"), default="stop")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--quantization", default=None, choices=("none", "int8", "nf4", "fp4"))
+    parser.add_argument("--cache-dir", default=None, help="default ~/.cache/mllm_missing")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mllm_missing.inference.engine import InferenceEngine
+    from mllm_missing.inference.predict import (
+        dataset_samples,
+        load_checkpoint,
+        read_requests,
+        run_predict,
+    )
+
+    model = load_checkpoint(args.checkpoint, device=args.device, quantization=args.quantization)
+    engine = InferenceEngine(model, batch_size=args.batch_size)
+    if args.requests:
+        requests = read_requests(args.requests, args.on_error)
+        samples, lines, errors = requests.samples, requests.lines, requests.errors
+    else:
+        samples = dataset_samples(
+            args.dataset, args.split, data_root=args.data_root, missing=args.missing,
+            seed=args.seed, mask_root=Path(args.output).parent / "masks", limit=args.limit,
+            cache_dir=args.cache_dir,
+        )  # fmt: skip
+        lines, errors = [], []
+    counts = run_predict(
+        engine, samples, args.output, errors=errors, lines=lines, on_error=args.on_error
+    )
+    print(
+        f"{counts['predicted']} predictions ({counts['skipped']} requests skipped) in "
+        f"{args.output}; {engine.selector_calls} presence pattern(s)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mllm-missing`."""
     from mllm_missing import __version__
@@ -239,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_backbones(subparsers)
     _add_eval(subparsers)
+    _add_predict(subparsers)
     _add_prepare(subparsers)
     _add_quickstart(subparsers)
     _add_train(subparsers)
@@ -248,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS = {
     "backbones": _run_backbones,
     "eval": _run_eval,
+    "predict": _run_predict,
     "prepare": _run_prepare,
     "quickstart": _run_quickstart,
     "train": _run_train,
