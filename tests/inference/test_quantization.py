@@ -86,7 +86,7 @@ def test_without_bitsandbytes_the_error_names_the_install(monkeypatch: pytest.Mo
 def test_importing_inference_stays_light() -> None:
     code = (
         "import sys, mllm_missing.inference as i; i.QuantizationConfig('nf4');"
-        "import mllm_missing.inference.device_map;"
+        "import mllm_missing.inference.vllm_backend, mllm_missing.inference.device_map;"
         "bad = [m for m in ('bitsandbytes', 'vllm') if m in sys.modules]; print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
