@@ -130,7 +130,8 @@ def load_checkpoint(
     Args:
         directory: the folder holding ``model_config.json`` (or whose ``best/`` does).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
-        quantization: bitsandbytes mode for the backbone's LLM (``nf4``, ...; hf_causal presets).
+        quantization: bitsandbytes mode for the backbone's LLM (``nf4``, ...; hf_causal presets);
+            default: the one the checkpoint was trained with.
         backbone: an already built frozen backbone to use instead of the preset's.
 
     Raises:
@@ -152,8 +153,10 @@ def load_checkpoint(
         options: dict[str, Any] = {"device": target}
         if get_preset(spec["backbone"]).family == "offline_default":
             options["image_size"] = int(training.get("image_size", 128))
-        if quantization not in (None, "none"):
-            options["quantization"] = quantization
+        # a QLoRA checkpoint reloads on the quantized backbone it was trained on
+        mode = training.get("quantization", "none") if quantization is None else quantization
+        if mode != "none":
+            options["quantization"] = mode
         weights = training.get("backbone_weights")
         backbone = get_backbone(spec["backbone"], weights=weights, **options)
     return MissingModalityModel.from_pretrained(folder, backbone=backbone).to(target)

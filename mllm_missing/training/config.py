@@ -40,6 +40,8 @@ class TrainConfig:
         backbone_weights: a local checkpoint for presets whose weights come from a hub.
         image_size: image resolution of the offline default's EfficientNet.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
+        quantization: bitsandbytes quantization of the backbone's LLM, ``none``, ``int8``,
+            ``nf4`` or ``fp4`` (transformers LLM presets; with ``lora`` this is QLoRA).
         strategy: the strategy config, a mapping with ``method`` (``none``, ``map_prompts``,
             ``modality_prompts``, ``correlated_prompts``, ``lora``) and its fields.
         imputation: fills absent embeddings of towers the strategy does not adapt.
@@ -78,6 +80,7 @@ class TrainConfig:
     backbone_weights: str | None = None
     image_size: int = 128
     device: str = "auto"
+    quantization: str = "none"
     strategy: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
     imputation: str = "zero"
     fusion: str = "concat"
@@ -118,7 +121,16 @@ class TrainConfig:
             raise ConfigError(f"text_mode must be one of movie, plot; got {self.text_mode!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1); got {self.val_fraction}")
-        get_preset(self.backbone)
+        preset = get_preset(self.backbone)
+        from mllm_missing.backbones.presets import QUANTIZABLE_FAMILIES
+        from mllm_missing.inference.quantization import QuantizationConfig
+
+        quantized = QuantizationConfig(mode=self.quantization).enabled
+        if quantized and preset.family not in QUANTIZABLE_FAMILIES:
+            raise ConfigError(
+                f"quantization: {self.quantization} applies to transformers LLM presets "
+                f"({', '.join(QUANTIZABLE_FAMILIES)}); {self.backbone} is {preset.family}"
+            )
         if not isinstance(self.strategy, dict):
             raise ConfigError("strategy must be a mapping with a 'method' key")
         strategy_config_from_dict(self.strategy)

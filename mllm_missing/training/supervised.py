@@ -68,13 +68,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_backbone(name: str, *, weights: str | None, image_size: int, device: torch.device) -> Any:
-    """The frozen backbone of preset `name` on `device` (the offline default at `image_size`)."""
+def load_backbone(
+    name: str,
+    *,
+    weights: str | None,
+    image_size: int,
+    device: torch.device,
+    quantization: str = "none",
+) -> Any:
+    """The frozen backbone of preset `name` on `device` (the offline default at `image_size`,
+    a transformers LLM quantized with bitsandbytes when `quantization` is not ``none``)."""
     from mllm_missing.backbones.presets import get_backbone, get_preset
 
     options: dict[str, Any] = {"device": device}
     if get_preset(name).family == "offline_default":
         options["image_size"] = image_size
+    if quantization != "none":
+        options["quantization"] = quantization
     return get_backbone(name, weights=weights, **options)
 
 
@@ -229,6 +239,7 @@ def training_settings(config: TrainConfig) -> dict[str, Any]:
         "image_size": config.image_size,
         "text_mode": config.text_mode,
         "backbone_weights": config.backbone_weights,
+        "quantization": config.quantization,
     }
 
 
@@ -259,7 +270,7 @@ def run_training(
     if backbone is None:
         backbone = load_backbone(
             config.backbone, weights=config.backbone_weights, image_size=config.image_size,
-            device=device,
+            device=device, quantization=config.quantization,
         )  # fmt: skip
     dims = {m: backbone.embed_dim(m) for m in task.modalities}
     spec = {

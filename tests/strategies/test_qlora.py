@@ -180,3 +180,40 @@ def test_smollm2_preset_in_nf4_embeds_close_to_float() -> None:
     quantized = backbone.embed(TEXT, texts).float()
     similarity = torch.nn.functional.cosine_similarity(quantized, full, dim=-1)
     assert bool((similarity > 0.9).all()), similarity
+
+
+def test_train_config_quantization_is_checked() -> None:
+    from mllm_missing.training.config import TrainConfig
+
+    config = TrainConfig(backbone="smollm2-135m-instruct", quantization="nf4")
+    assert config.quantization == "nf4"
+    with pytest.raises(ConfigError, match="quantization.mode must be one of none, int8, nf4"):
+        TrainConfig(backbone="smollm2-135m-instruct", quantization="q4")
+    with pytest.raises(ConfigError, match="applies to transformers LLM presets"):
+        TrainConfig(backbone="offline-default", quantization="int8")
+
+
+def test_a_qlora_checkpoint_reloads_on_its_quantized_backbone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`load_checkpoint` passes the training's quantization to the preset (or an override)."""
+    from mllm_missing.inference.predict import load_checkpoint
+    from mllm_missing.model import build_model
+
+    backbone = tiny_float_llama()
+    spec = {
+        "backbone": "smollm2-135m-instruct", "strategy": {"method": "none"},
+        "hidden_size": 8, "task_type": "multiclass", "num_labels": 2,
+        "modalities": ["text"], "training": {"quantization": "nf4"},
+    }  # fmt: skip
+    build_model(spec, backbone, {TEXT: backbone.embed_dim(TEXT)}).save_pretrained(tmp_path)
+    seen: list[Any] = []
+
+    def fake_get_backbone(name: str, **options: Any) -> Any:
+        seen.append(options.get("quantization"))
+        return backbone
+
+    monkeypatch.setattr("mllm_missing.backbones.presets.get_backbone", fake_get_backbone)
+    load_checkpoint(tmp_path, device="cpu")
+    load_checkpoint(tmp_path, device="cpu", quantization="none")
+    assert seen == ["nf4", None]
