@@ -45,6 +45,7 @@ class DevicePlan:
         layers: device -> indices of the repeated blocks (``model.layers.N``) placed there.
         budgets: device -> the budget planned with, in bytes.
         total_bytes: the whole model's size at the planned dtype.
+        offloaded: module names placed on ``"cpu"`` or ``"disk"``.
     """
 
     device_map: dict[str, int | str]
@@ -158,7 +159,10 @@ def plan_device_map(
             ``nn.Module`` (e.g. already built on the meta device).
         max_memory: device -> budget, in bytes or as ``"20GiB"``; GPUs by index, plus optionally
             ``"cpu"`` (and ``"disk"``).
-        dtype: the dtype the weights will have (sizes are computed at it).
+        dtype: the dtype the weights will have (sizes are computed at it). For a model to be
+            loaded in 4 or 8 bits, planning at ``bfloat16`` is conservative (over-estimates the
+            quantized layers); `load_quantized_causal_lm` with ``device_map="auto"`` and
+            ``max_memory`` lets transformers plan at the quantized sizes instead.
         no_split_module_classes: classes never split across devices (default: the model's
             ``_no_split_modules``).
         offload: ``"cpu"``: what does not fit on the GPUs goes to the CPU (budget ``max_memory["cpu"]``,
