@@ -63,7 +63,7 @@ def build_model(shape: str, mode: str, device: torch.device, seed: int) -> Any:
     if mode != "bf16":
         from mllm_missing.inference.quantization import QuantizationConfig, quantize_model
 
-        model = quantize_model(model, QuantizationConfig(mode=mode)).to(device)
+        model = quantize_model(model, QuantizationConfig(mode=mode), device=device)
     model.eval().requires_grad_(False)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -99,29 +99,37 @@ def bench_mode(args: argparse.Namespace, mode: str, device: torch.device) -> lis
     weights = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else 0.0
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
-    decoder = StaticDecoder(model, max_length=args.prompt + args.new)
+    decoder = StaticDecoder(model, max_length=args.prompt + args.new - 1)  # as generate sizes it
     for batch in args.batches:
         generator = torch.Generator().manual_seed(args.seed + batch)
         ids = torch.randint(3, vocab, (batch, args.prompt), generator=generator).to(device)
-        common = {"max_new_tokens": args.new, "do_sample": False, "pad_token_id": 0}
+        common = {"do_sample": False, "pad_token_id": 0}
 
-        def plain(ids: Any = ids, common: Any = common, model: Any = model) -> Any:
-            return model.generate(input_ids=ids, **common)
+        def plain(
+            ids: Any = ids, common: Any = common, model: Any = model, new: int = args.new
+        ) -> Any:
+            return model.generate(input_ids=ids, **common, max_new_tokens=new)
 
-        def static(ids: Any = ids, common: Any = common, model: Any = model) -> Any:
+        def static(
+            ids: Any = ids, common: Any = common, model: Any = model, new: int = args.new
+        ) -> Any:
             return model.generate(
-                input_ids=ids, cache_implementation="static", disable_compile=True, **common
+                input_ids=ids,
+                cache_implementation="static",
+                disable_compile=True,
+                max_new_tokens=new,
+                **common,
             )
 
-        def ours(ids: Any = ids, decoder: Any = decoder) -> Any:
-            return decoder.generate(ids, max_new_tokens=args.new).sequences
+        def ours(ids: Any = ids, decoder: Any = decoder, new: int = args.new) -> Any:
+            return decoder.generate(ids, max_new_tokens=new).sequences
 
         methods = [("plain generate", plain), ("ours (static + CUDA graph)", ours)]
         if args.static_generate:
             methods.insert(1, ("generate, static cache", static))
         references: dict[str, torch.Tensor] = {}
         for name, fn in methods:
-            fn()  # warm-up (and, for ours, the graph capture)
+            fn(new=min(4, args.new))  # warm-up (and, for ours, the graph capture)
             seconds, out, peak = timed(fn, device, args.repeats)
             new = out[:, args.prompt :]
             references.setdefault("plain", new)
@@ -140,6 +148,7 @@ def bench_mode(args: argparse.Namespace, mode: str, device: torch.device) -> lis
                     "seconds": seconds,
                     "tokens_per_s": batch * args.new / seconds,
                     "weights_gib": weights,
+                    "cuda_graph": bool(decoder.cuda_graph) if name.startswith("ours") else None,
                     "peak_gib": peak,
                     "token_agreement_with_plain": agree,
                     **row_match,

@@ -37,7 +37,7 @@ class DecodeResult:
         sequences: (batch, P + n) prompt and new tokens when ``input_ids`` were given, else
             (batch, n) new tokens only (as ``generate`` returns for ``inputs_embeds``).
         new_tokens: (batch, n) the new tokens; after a row's first ``eos`` the pad token.
-        cuda_graph: whether the decode steps ran as a replayed CUDA graph.
+        cuda_graph: whether decode steps ran as a replayed CUDA graph.
     """
 
     sequences: torch.Tensor
@@ -48,12 +48,12 @@ class DecodeResult:
 class _State:
     """Fixed buffers and the static cache for one batch size: what the CUDA graph reads/writes."""
 
-    def __init__(self, model: nn.Module, batch: int, max_length: int, device: torch.device):
+    def __init__(self, model: Any, batch: int, max_length: int, device: torch.device):
         from transformers import StaticCache
 
         self.batch, self.max_length = batch, max_length
         self.cache = StaticCache(config=model.config, max_cache_len=max_length)
-        long = {"dtype": torch.long, "device": device}
+        long: dict[str, Any] = {"dtype": torch.long, "device": device}
         self.token = torch.zeros(batch, 1, **long)  # the token fed to the next step
         self.position = torch.zeros(batch, 1, **long)  # its rotary position (per row: padding)
         self.cache_position = torch.zeros(1, **long)  # the cache slot it is written to
@@ -68,7 +68,10 @@ class StaticDecoder:
 
     Args:
         model: a transformers causal LM (eval mode; frozen, quantized or not).
-        max_length: the longest prompt + new tokens a call may reach (the static cache size).
+        max_length: the static cache size: a call may take prompt length + new tokens - 1 up to
+            it. ``generate`` with a static cache sizes its cache that way, and outputs agree
+            bit for bit in bf16 too when the sizes are equal (the padded attention sums run
+            over the same length).
         cuda_graph: capture the decode step as a CUDA graph; default: when the model is on CUDA.
             It needs the model on one device (not split by a multi-GPU ``device_map``).
 
@@ -82,6 +85,7 @@ class StaticDecoder:
             raise ConfigError(f"max_length must be >= 2; got {max_length}")
         self.model = model.eval()
         self.max_length = max_length
+        self.dtype: torch.dtype = model.dtype  # type: ignore[assignment]
         self.device = model.get_input_embeddings().weight.device  # type: ignore[operator]
         devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
         one_device = len(devices) <= 1
@@ -110,9 +114,8 @@ class StaticDecoder:
         """`allowed` (bool, True: attend) in the form the model's attention takes."""
         if not self._additive:
             return allowed
-        dtype = self.model.dtype  # type: ignore[operator]
-        zero = torch.zeros((), dtype=dtype, device=allowed.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)
+        zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
+        return torch.where(allowed, zero, torch.finfo(self.dtype).min)
 
     def _forward(self, state: _State, **inputs: Any) -> torch.Tensor:
         if self._logits_to_keep:
@@ -140,12 +143,24 @@ class StaticDecoder:
         state.cache_position.add_(1)
         state.step.add_(1)
 
-    def _capture(self, state: _State) -> None:
-        """Capture `_step` as a CUDA graph (the caller has just run it eagerly, as warm-up)."""
+    def _capture(self, state: _State) -> bool:
+        """Capture `_step` as a CUDA graph (the caller has just run it eagerly, as warm-up).
+
+        Some layers cannot be captured (bitsandbytes' LLM.int8 finds its outlier columns with a
+        host synchronisation): then the decoder logs why and decodes eagerly from now on.
+        Capturing runs nothing, so the buffers are as the warm-up step left them either way.
+        """
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(state)
+        try:
+            with torch.cuda.graph(graph):
+                self._step(state)
+        except RuntimeError as exc:
+            logger.warning("decode step cannot be captured as a CUDA graph (%s); eager steps", exc)
+            torch.cuda.synchronize(self.device)
+            self.cuda_graph = False
+            return False
         state.graph = graph
+        return True
 
     def _state(self, batch: int) -> _State:
         if batch not in self._states:
@@ -190,10 +205,10 @@ class StaticDecoder:
         batch, length = prompt.shape[0], prompt.shape[1]
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-        if length + max_new_tokens > self.max_length:
+        if length + max_new_tokens - 1 > self.max_length:  # the last token is never fed back
             raise ConfigError(
-                f"prompt length {length} + max_new_tokens {max_new_tokens} exceeds the decoder's "
-                f"max_length {self.max_length}"
+                f"prompt length {length} + max_new_tokens {max_new_tokens} - 1 exceeds the "
+                f"decoder's max_length {self.max_length}"
             )
         device = self.device
         if attention_mask is None:
@@ -203,22 +218,18 @@ class StaticDecoder:
             raise ConfigError("attention_mask has right padding; pad prompts on the left")
 
         state = self._state(batch)
-        valid = attention_mask.bool()
         state.valid.zero_()
-        state.valid[:, :length] = valid
-        # Pad rows attend to themselves so their (unused) states stay finite.
-        slots = torch.arange(self.max_length, device=device)
-        causal = slots[None, :] <= torch.arange(length, device=device)[:, None]
-        own = slots[None, :] == torch.arange(length, device=device)[:, None]
-        allowed = causal[None] & (state.valid[:, None, :] | own[None])
+        state.valid[:, :length] = attention_mask.bool()
         position = attention_mask.long().cumsum(-1) - 1
         position = position.masked_fill(attention_mask == 0, 1)  # as generate does
         prefill = {"input_ids": input_ids} if input_ids is not None else {}
         if inputs_embeds is not None:
-            prefill["inputs_embeds"] = inputs_embeds.to(device)
+            prefill["inputs_embeds"] = inputs_embeds
+        # The prefill is not captured: the model builds its own mask from the 2-D one, exactly
+        # as in generate (causal attention over the prompt, no padded cache in the sum).
         logits = self._forward(
             state,
-            attention_mask=self._mask(allowed[:, None]),
+            attention_mask=attention_mask,
             position_ids=position,
             cache_position=torch.arange(length, device=device),
             **{k: v.to(device) for k, v in prefill.items()},
@@ -231,12 +242,13 @@ class StaticDecoder:
         state.cache_position.fill_(length)
         state.step.fill_(1)
 
-        graph = self.cuda_graph
+        replayed = False
         for index in range(1, max_new_tokens):
-            if graph and state.graph is not None:
+            if self.cuda_graph and state.graph is not None:
                 state.graph.replay()
+                replayed = True
                 continue
-            if not graph:
+            if not self.cuda_graph:
                 self._step(state)
                 continue
             # The first step runs eagerly on a side stream as the capture's warm-up.
@@ -250,7 +262,7 @@ class StaticDecoder:
         new = state.out[:, :max_new_tokens].clone()
         new = _after_eos(new, eos_token_id, pad_token_id)
         sequences = new if input_ids is None else torch.cat([input_ids.to(device), new], dim=1)
-        return DecodeResult(sequences=sequences, new_tokens=new, cuda_graph=graph)
+        return DecodeResult(sequences=sequences, new_tokens=new, cuda_graph=replayed)
 
 
 def _after_eos(

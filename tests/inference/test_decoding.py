@@ -47,7 +47,7 @@ def test_matches_generate_with_left_padding(model, attention):
     try:
         ids, mask = _prompts()
         reference = _generate(model, ids, mask, 12)
-        decoder = StaticDecoder(model, max_length=24)
+        decoder = StaticDecoder(model, max_length=23)
         first = decoder.generate(ids, attention_mask=mask, max_new_tokens=12)
         again = decoder.generate(ids, attention_mask=mask, max_new_tokens=12)  # buffers reused
     finally:
@@ -59,7 +59,7 @@ def test_matches_generate_with_left_padding(model, attention):
 
 def test_a_shorter_call_after_a_longer_one_is_not_polluted(model):
     ids, mask = _prompts()
-    decoder = StaticDecoder(model, max_length=40)
+    decoder = StaticDecoder(model, max_length=39)
     decoder.generate(ids, attention_mask=mask, max_new_tokens=30)
     short_ids = ids[:, 3:]
     short = decoder.generate(short_ids, attention_mask=mask[:, 3:].clamp(min=1), max_new_tokens=5)
@@ -69,7 +69,7 @@ def test_a_shorter_call_after_a_longer_one_is_not_polluted(model):
 
 def test_inputs_embeds_give_the_tokens_of_their_ids(model):
     ids, mask = _prompts()
-    decoder = StaticDecoder(model, max_length=24)
+    decoder = StaticDecoder(model, max_length=23)
     from_ids = decoder.generate(ids, attention_mask=mask, max_new_tokens=8)
     embeds = model.get_input_embeddings()(ids)
     from_embeds = decoder.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8)
@@ -85,7 +85,7 @@ def test_learned_prompt_embeddings_decode_as_generate_does(model):
     reference = model.generate(
         inputs_embeds=joined, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
     )
-    ours = StaticDecoder(model, max_length=24).generate(inputs_embeds=joined, max_new_tokens=8)
+    ours = StaticDecoder(model, max_length=23).generate(inputs_embeds=joined, max_new_tokens=8)
     assert torch.equal(ours.sequences, reference)
 
 
@@ -109,7 +109,7 @@ def test_eos_handling_matches_generate(model):
         eos_token_id=eos,
         pad_token_id=0,
     )
-    ours = StaticDecoder(model, max_length=24).generate(
+    ours = StaticDecoder(model, max_length=23).generate(
         ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0
     )
     assert torch.equal(ours.sequences, reference)
@@ -139,10 +139,10 @@ def test_cuda_graph_decoding_matches_eager_steps(model):
     gpu = model.to("cuda")
     try:
         ids, mask = (t.cuda() for t in _prompts())
-        graphed = StaticDecoder(gpu, max_length=24).generate(
+        graphed = StaticDecoder(gpu, max_length=23).generate(
             ids, attention_mask=mask, max_new_tokens=12
         )
-        eager = StaticDecoder(gpu, max_length=24, cuda_graph=False).generate(
+        eager = StaticDecoder(gpu, max_length=23, cuda_graph=False).generate(
             ids, attention_mask=mask, max_new_tokens=12
         )
         reference = _generate(gpu, ids, mask, 12)

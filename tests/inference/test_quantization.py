@@ -28,6 +28,9 @@ from mllm_missing.inference.quantization import (
 )
 
 TOLERANCE = {"nf4": 0.15, "fp4": 0.20, "int8": 0.02}
+#: A trained LoRA on a quantized base: logits within this factor of the base's own quantization
+#: error (relative L2 against the same LoRA on the bf16 model).
+LORA_TOLERANCE = 1.2
 
 
 def float_llama(seed: int = 0, **overrides: Any) -> Any:
@@ -189,3 +192,56 @@ def test_nf4_on_gpu_close_to_bf16() -> None:
     quantized = quantize_model(copy.deepcopy(model), QuantizationConfig(mode="nf4"), "cuda")
     with torch.no_grad():
         assert relative(quantized(ids().cuda()).logits, reference) < TOLERANCE["nf4"]
+
+
+def _lora_on_quantized_vs_bf16(mode: str, device: str) -> tuple[float, float, float]:
+    """(relative L2 of the logits with the LoRA, without it, next-token agreement with it): one
+    LoRA with non-zero B (as after training) on the bf16 model and on its quantized copy."""
+    from peft import (
+        LoraConfig,
+        get_peft_model,
+        get_peft_model_state_dict,
+        set_peft_model_state_dict,
+    )
+
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    base = float_llama(hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    base = base.to(device, torch.bfloat16)
+    quantized = quantize_model(copy.deepcopy(base), QuantizationConfig(mode=mode), device)
+    torch.manual_seed(1)
+    reference_model = get_peft_model(base, lora)
+    quantized_model = get_peft_model(quantized, lora)
+    set_peft_model_state_dict(quantized_model, get_peft_model_state_dict(reference_model))
+    tokens = ids().to(device)
+    with torch.no_grad():
+        reference = reference_model(tokens).logits
+        ours = quantized_model(tokens).logits
+        with reference_model.disable_adapter(), quantized_model.disable_adapter():
+            base_error = relative(quantized_model(tokens).logits, reference_model(tokens).logits)
+    error = relative(ours, reference)
+    agree = float((ours.argmax(-1) == reference.argmax(-1)).float().mean())
+    print(
+        f"{mode} + LoRA vs bf16 + LoRA on {device}: relative L2 {error:.4f} (base alone "
+        f"{base_error:.4f}), next-token agreement {agree:.3f}"
+    )
+    return error, base_error, agree
+
+
+@pytest.mark.bnb
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_lora_on_quantized_base_close_to_bf16_on_cpu(mode: str, bnb_cpu: None) -> None:
+    error, base_error, agree = _lora_on_quantized_vs_bf16(mode, "cpu")
+    assert error < LORA_TOLERANCE * base_error  # the adapter path adds no error of its own
+    assert agree > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.bnb
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_lora_on_quantized_base_close_to_bf16_on_gpu(mode: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    error, base_error, agree = _lora_on_quantized_vs_bf16(mode, "cuda")
+    assert error < LORA_TOLERANCE * base_error
+    assert agree > 0.5
