@@ -339,20 +339,31 @@ def run_blocks(
     length, count = x.shape[1], prompts.length
     real = slice(count, count + length) if prompts_first else slice(0, length)
     heads = blocks[0].attn.num_heads
+    joined = False  # whether the prompt positions are in the sequence
     joint_mask: torch.Tensor | None = None
     for index, block in enumerate(blocks):
         if index in prompts.tokens:
             tokens = prompts.tokens[index].to(device=x.device, dtype=x.dtype)
-            states = x if joint_mask is None else x[:, real]
+            states = x[:, real] if joined else x
             x = torch.cat([tokens, states] if prompts_first else [states, tokens], dim=1)
-            joint_mask = input_mode_mask(
-                mask,
-                prompts.active(index).to(x.device),
-                length,
-                heads,
-                prompts_first=prompts_first,
-                causal=causal,
-                dtype=x.dtype,
+            active = prompts.active(index).to(x.device)
+            # Every position attending to every other (a bidirectional tower, every prompt
+            # active: MAP's case) needs no mask, which keeps the fused attention kernels and
+            # skips a (batch * heads, L + P, L + P) mask per prompted block.
+            unmasked = mask is None and not causal and bool(active.all())
+            joint_mask = (
+                None
+                if unmasked
+                else input_mode_mask(
+                    mask,
+                    active,
+                    length,
+                    heads,
+                    prompts_first=prompts_first,
+                    causal=causal,
+                    dtype=x.dtype,
+                )
             )
-        x = _call_block(block, x, joint_mask if joint_mask is not None else mask, batch_first)
-    return x[:, real] if joint_mask is not None else x
+            joined = True
+        x = _call_block(block, x, joint_mask if joined else mask, batch_first)
+    return x[:, real] if joined else x
