@@ -95,7 +95,12 @@ class StaticDecoder:
                 "cuda_graph=True needs the model on one CUDA device; it is on "
                 f"{sorted(devices) or [str(self.device)]}"
             )
-        self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        blocker = _uncapturable_layer(model)
+        if cuda_graph and blocker:
+            raise ConfigError(f"cuda_graph=True: {blocker}")
+        self.cuda_graph = on_cuda and not blocker if cuda_graph is None else cuda_graph
+        if on_cuda and blocker:
+            logger.info("decoding with eager steps: %s", blocker)
         attention = str(getattr(model.config, "_attn_implementation", "sdpa"))
         if attention.startswith("flash"):
             raise ConfigError(
@@ -263,6 +268,19 @@ class StaticDecoder:
         new = _after_eos(new, eos_token_id, pad_token_id)
         sequences = new if input_ids is None else torch.cat([input_ids.to(device), new], dim=1)
         return DecodeResult(sequences=sequences, new_tokens=new, cuda_graph=replayed)
+
+
+def _uncapturable_layer(model: nn.Module) -> str | None:
+    """Why `model`'s decode step cannot be a CUDA graph, or None.
+
+    bitsandbytes' LLM.int8 layers (outlier threshold > 0) find their outlier columns with a
+    host synchronisation, which a graph capture refuses.
+    """
+    for name, module in model.named_modules():
+        state = getattr(module, "state", None)
+        if type(module).__name__ == "Linear8bitLt" and getattr(state, "threshold", 0.0) > 0:
+            return f"{name} is an LLM.int8 layer (outlier threshold > 0), not capturable"
+    return None
 
 
 def _after_eos(

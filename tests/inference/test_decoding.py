@@ -151,3 +151,16 @@ def test_cuda_graph_decoding_matches_eager_steps(model):
     assert graphed.cuda_graph
     assert torch.equal(graphed.sequences, eager.sequences)
     assert torch.equal(graphed.sequences, reference)
+
+
+def test_int8_layers_keep_the_decoder_eager(model):
+    pytest.importorskip("bitsandbytes")
+    import copy
+
+    from mllm_missing.inference.decoding import _uncapturable_layer
+    from mllm_missing.inference.quantization import QuantizationConfig, quantize_model
+
+    assert _uncapturable_layer(model) is None
+    int8 = quantize_model(copy.deepcopy(model), QuantizationConfig(mode="int8"), device="cpu")
+    assert "LLM.int8" in (_uncapturable_layer(int8) or "")
+    assert not StaticDecoder(int8, max_length=10).cuda_graph
