@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ class Fusion(nn.Module):
         config: the fusion configuration.
     """
 
+    #: One line saying what the module does (the scheduler shows it to its LLM).
+    description: ClassVar[str] = ""
+
     out_dim: int
 
     def __init__(self, dims: Mapping[Modality, int], config: FusionConfig) -> None:
@@ -44,6 +48,8 @@ class Fusion(nn.Module):
 @FUSIONS.register("concat")
 class ConcatFusion(Fusion):
     """Project each modality to `hidden_size` (linear + GELU) and concatenate, in `dims` order."""
+
+    description = "projects each modality and concatenates them, imputed ones included"
 
     def __init__(self, dims: Mapping[Modality, int], config: FusionConfig) -> None:
         super().__init__(dims, config)
@@ -80,6 +86,8 @@ def _projections(dims: Mapping[Modality, int], hidden: int) -> nn.ModuleDict:
 class MaskedAttentionFusion(Fusion):
     """Modality tokens + a summary token through one transformer encoder layer; absent
     modalities are masked out of attention, so what imputation put there is ignored."""
+
+    description = "attends over modality tokens with absent modalities masked out"
 
     def __init__(self, dims: Mapping[Modality, int], config: FusionConfig) -> None:
         super().__init__(dims, config)
@@ -119,6 +127,8 @@ class MaskedAttentionFusion(Fusion):
 class LateFusion(Fusion):
     """Encode each modality separately and average the encodings over present modalities."""
 
+    description = "encodes each modality on its own and averages over the present ones"
+
     def __init__(self, dims: Mapping[Modality, int], config: FusionConfig) -> None:
         super().__init__(dims, config)
         self.projections = _projections(self.dims, config.hidden_size)
@@ -139,6 +149,8 @@ class LateFusion(Fusion):
 class GatedFusion(Fusion):
     """Concatenate per-modality projections, each scaled by a learned gate in (0, 1) computed
     from that projection and the presence mask (so the model can turn an imputed modality down)."""
+
+    description = "concatenates projections scaled by learned gates conditioned on the presence"
 
     def __init__(self, dims: Mapping[Modality, int], config: FusionConfig) -> None:
         super().__init__(dims, config)

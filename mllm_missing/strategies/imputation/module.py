@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ class Imputation(nn.Module):
         dims: embedding size of each modality the model uses.
         config: the imputation configuration.
     """
+
+    #: One line saying what the module does (the scheduler shows it to its LLM).
+    description: ClassVar[str] = ""
 
     def __init__(self, dims: Mapping[Modality, int], config: ImputationConfig | None = None):
         super().__init__()
@@ -124,6 +127,8 @@ class Imputation(nn.Module):
 class ZeroImputation(Imputation):
     """Absent embeddings become zero vectors (the usual baseline)."""
 
+    description = "fills an absent embedding with zeros (the usual baseline)"
+
     def stand_in(
         self,
         modality: Modality,
@@ -136,6 +141,8 @@ class ZeroImputation(Imputation):
 @IMPUTATIONS.register("mean")
 class MeanImputation(Imputation):
     """Absent embeddings become the training-set mean of the modality (call `fit` first)."""
+
+    description = "fills an absent embedding with the training-set mean of that modality"
 
     fitted: torch.Tensor
 
@@ -172,6 +179,8 @@ class LearnedTokenImputation(Imputation):
     """Absent embeddings become a learned vector per modality (zero-initialised, so it starts
     exactly as zero fill and learns the stand-in that serves the task best)."""
 
+    description = "fills an absent embedding with a learned vector per modality"
+
     def __init__(self, dims: Mapping[Modality, int], config: ImputationConfig | None = None):
         super().__init__(dims, config)
         self.tokens = nn.ParameterDict(
@@ -197,6 +206,8 @@ class TranslatorImputation(Imputation):
     least one other modality: mean-squared error to the true embedding plus an InfoNCE term that
     makes the prediction closer to its own sample's embedding than to the others in the batch.
     """
+
+    description = "predicts an absent embedding from the present ones with a small trained network"
 
     def __init__(self, dims: Mapping[Modality, int], config: ImputationConfig | None = None):
         super().__init__(dims, config)
@@ -258,6 +269,10 @@ class KnnImputation(Imputation):
     bank, so a sample never lends its own hidden input). The bank is not part of the state dict:
     refit it, or save it with `bank.save` and set `bank` from `MemoryBank.load`.
     """
+
+    description = (
+        "fills an absent embedding with the mean of the nearest training neighbours' embeddings"
+    )
 
     def __init__(self, dims: Mapping[Modality, int], config: ImputationConfig | None = None):
         super().__init__(dims, config)
