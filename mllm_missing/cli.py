@@ -209,6 +209,56 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_chat(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="chat with a trained checkpoint, giving any of text, an image and audio",
+        description="Ask a checkpoint from `mllm-missing train` questions with partial inputs: "
+        "type text, attach /image PATH and /audio PATH (Whisper tiny.en transcribes speech). "
+        "Each answer says which modalities were used and missing and which modules ran. "
+        "--web serves the same chat as a page on localhost.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="training output_dir or its best/")
+    parser.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N]")
+    parser.add_argument("--web", action="store_true", help="serve a web page instead")
+    parser.add_argument("--host", default="127.0.0.1", help="web: address (default loopback)")
+    parser.add_argument("--port", type=int, default=8765, help="web: port (default 8765)")
+    parser.add_argument(
+        "--max-file-mb", type=float, default=10.0, help="largest image / audio file (MB)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from mllm_missing.chat import ChatLimits, ChatSession, ClassifierAnswerer, WhisperTranscriber
+    from mllm_missing.inference.predict import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limits = ChatLimits(max_file_bytes=int(args.max_file_mb * 1024 * 1024))
+    model = load_checkpoint(args.checkpoint, device=args.device)
+    device = str(next(model.parameters()).device)  # "auto" resolved by load_checkpoint
+    session = ChatSession(
+        ClassifierAnswerer(model), transcriber=WhisperTranscriber(device=device), limits=limits
+    )
+    if args.web:
+        from mllm_missing.chat.web import serve
+
+        serve(session, args.host, args.port)
+        return 0
+    from mllm_missing.chat.terminal import run_repl
+
+    labels = ", ".join(model.spec.get("label_names") or [])
+    banner = (
+        f"mllm-missing chat with {args.checkpoint} ({model.spec.get('task')}: {labels}); "
+        "/help for commands"
+    )
+    run_repl(session, sys.stdin, sys.stdout, banner=banner)
+    return 0
+
+
 def _add_eval(subparsers: Any) -> None:
     # evals.run imports nothing heavy at module level; torch and the models load in _run_eval.
     from evals.run import add_arguments
@@ -297,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_backbones(subparsers)
+    _add_chat(subparsers)
     _add_eval(subparsers)
     _add_predict(subparsers)
     _add_prepare(subparsers)
@@ -307,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {
     "backbones": _run_backbones,
+    "chat": _run_chat,
     "eval": _run_eval,
     "predict": _run_predict,
     "prepare": _run_prepare,
