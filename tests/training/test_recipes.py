@@ -14,7 +14,12 @@ from mllm_missing.quickstart import QuickstartConfig
 from mllm_missing.training.config import TrainConfig, load_train_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "configs"
-TRAIN_CONFIGS = sorted(p for p in RECIPES.glob("*/*.yaml") if p.name != "offline_heads.yaml")
+# The projector VLM recipe has its own config class (tests/training/test_vlm.py parses it).
+TRAIN_CONFIGS = sorted(
+    p
+    for p in RECIPES.glob("*/*.yaml")
+    if p.name != "offline_heads.yaml" and not p.name.endswith("_projector.yaml")
+)
 
 
 def test_every_dataset_has_recipes() -> None:

@@ -1,0 +1,345 @@
+"""Train a `MissingAwareVLM` (projector + missing-image tokens, frozen LM) on easy-VQA, and score it.
+
+Each training sample is a chat: the question (with the image's projected tokens, or with the
+learned missing-image tokens when image dropout marks it absent) and the answer word as the
+assistant turn; the loss is the cross-entropy on the answer and end-of-turn tokens. The loop is
+the shared `fit` (seeded, resumable, atomic checkpoints). Answer accuracy ranks the 13 answers
+by log-likelihood (`MissingAwareVLM.score_answers`), so every prediction is a valid answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mllm_missing.atomic import atomic_write_text
+from mllm_missing.errors import ConfigError
+
+__all__ = ["CONDITIONS", "VLMTask", "VLMTrainConfig", "run_vlm_training", "subset_rows"]
+
+logger = logging.getLogger(__name__)
+
+#: Evaluation conditions: trained model with the image / without it (missing tokens), and the
+#: references: untrained projector with the image, plain text-only SmolLM2 (no image tokens).
+CONDITIONS = ("present", "absent", "untrained_present", "text_only")
+
+
+@dataclass
+class VLMTrainConfig:
+    """Settings of the easy-VQA projector recipe (the fields of its YAML).
+
+    Args:
+        num_image_tokens: image tokens spliced into the prompt (and missing tokens).
+        projector_dim: width of the projector's middle layer (None: the LM's width).
+        image_size: resolution EfficientNet-Lite0 sees (easy-VQA images are 64x64).
+        system_prompt: system message of every chat (``""``: an empty system turn, shortest).
+        train_size: training questions (a seeded sample of the train split).
+        val_size: held-out train questions scored after each epoch (image present).
+        test_size: test questions scored at the end (the first of a permutation seeded 0, so
+            every run and seed scores the same subset).
+        image_dropout: share of training samples whose image is marked absent (seeded table).
+        conditions: what is scored on the test subset (see `CONDITIONS`); with neither
+            ``present`` nor ``absent`` nothing is trained (the references alone).
+        epochs, batch_size, lr, weight_decay, warmup_ratio, max_grad_norm, seed: the loop.
+        eval_batch_size: questions scored per forward pass.
+        checkpoint_every: optimizer steps between checkpoints (0: at epoch ends only).
+        threads: torch CPU threads (0: leave torch's default).
+        cache_dir: cache root for datasets, features and the converted SmolLM2.
+        output_dir: run folder (checkpoints, ``best/``, ``results.json``).
+    """
+
+    num_image_tokens: int = 4
+    projector_dim: int | None = None
+    image_size: int = 128
+    system_prompt: str = ""
+    train_size: int = 3000
+    val_size: int = 128
+    test_size: int = 1000
+    image_dropout: float = 0.3
+    conditions: tuple[str, ...] = CONDITIONS
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_batch_size: int = 32
+    checkpoint_every: int = 10
+    threads: int = 1
+    cache_dir: str | None = None
+    output_dir: str = "runs/easy_vqa/smollm2-efficientnet_projector"
+
+    def __post_init__(self) -> None:
+        for name in ("num_image_tokens", "image_size", "train_size", "val_size", "test_size",
+                     "epochs", "batch_size", "eval_batch_size"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.projector_dim is not None and self.projector_dim < 1:
+            raise ConfigError(f"projector_dim must be >= 1 or null; got {self.projector_dim}")
+        if not 0.0 <= self.image_dropout < 1.0:
+            raise ConfigError(f"image_dropout must be in [0, 1); got {self.image_dropout}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive; got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm", "checkpoint_every", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
+        self.conditions = tuple(self.conditions)
+        for condition in self.conditions:
+            if condition not in CONDITIONS:
+                raise ConfigError(
+                    f"conditions: unknown {condition!r}; allowed: {', '.join(CONDITIONS)}"
+                )
+
+
+def subset_rows(total: int, count: int, seed: int, skip: int = 0) -> list[int]:
+    """Rows ``skip .. skip+count`` of a permutation of ``range(total)`` seeded by `seed`, sorted."""
+    order = np.random.default_rng(seed).permutation(total)
+    if skip + count > total:
+        raise ConfigError(f"asked for {skip + count} of {total} questions")
+    return sorted(order[skip : skip + count].tolist())
+
+
+@dataclass
+class _Questions:
+    """Questions, answers and image features (absent rows: None) of a subset."""
+
+    questions: list[str]
+    answers: list[str]
+    labels: torch.Tensor
+    features: torch.Tensor
+    present: torch.Tensor
+
+    def features_of(self, rows: torch.Tensor) -> list[torch.Tensor | None]:
+        return [self.features[r] if self.present[r] else None for r in rows.tolist()]
+
+
+class VLMTask:
+    """A `TrainTask` for `fit`: the projector + missing tokens on training questions."""
+
+    metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, model: Any, train: _Questions, val: _Questions, options: list[str]):
+        self.model = model
+        self.train = train
+        self.val = val
+        self.options = options
+        self.num_train = len(train.questions)
+
+    def trainable_module(self) -> torch.nn.Module:
+        """The `MissingAwareVLM` (only the projector and the missing tokens require grad)."""
+        module: torch.nn.Module = self.model
+        return module
+
+    def frozen_parameter_count(self) -> int:
+        """Parameters of the frozen LM."""
+        return sum(p.numel() for p in self.model.vlm.lm.parameters())
+
+    def loss(self, rows: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the answer tokens of the rows' chats."""
+        loss: torch.Tensor = self.model.loss(
+            [self.train.questions[r] for r in rows.tolist()],
+            [self.train.answers[r] for r in rows.tolist()],
+            image_features=self.train.features_of(rows),
+        )
+        return loss
+
+    def evaluate(self) -> dict[str, float]:
+        """Answer accuracy on the validation questions (image present)."""
+        return {"accuracy": accuracy(self.model, self.val, self.options, 32)}
+
+    def save_pretrained(self, directory: Path) -> None:
+        """The projector and missing tokens."""
+        self.model.write_files(directory)
+
+
+def accuracy(
+    model: Any,
+    data: _Questions,
+    options: list[str],
+    batch_size: int,
+    *,
+    use_missing_tokens: bool = True,
+    desc: str = "scoring",
+) -> float:
+    """Share of `data` whose best-scored option is the right answer."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    correct = 0
+    rows = torch.arange(len(data.questions))
+    for chunk in tqdm(rows.split(batch_size), desc=desc, leave=False):
+        scores = model.score_answers(
+            [data.questions[r] for r in chunk.tolist()],
+            options,
+            image_features=data.features_of(chunk),
+            use_missing_tokens=use_missing_tokens,
+        )
+        correct += int((scores.argmax(1) == data.labels[chunk]).sum())
+    return correct / max(len(data.questions), 1)
+
+
+def _load(
+    config: VLMTrainConfig, dataset: Any, split: str, rows: list[int], encoder: Any
+) -> _Questions:
+    from mllm_missing.backbones.features import encode_column
+    from mllm_missing.data.base import cache_root
+    from mllm_missing.data.easy_vqa import ANSWERS
+
+    table = encode_column(
+        dataset,
+        "image",
+        encoder.encode,
+        key_column="image_id",
+        cache_path=cache_root(config.cache_dir)
+        / "features"
+        / f"{encoder.name}-{config.image_size}-easy_vqa-{split}.st",
+        desc=f"{split} images",
+    )
+    subset = dataset.select(rows).select_columns(["text", "label", "image_id"])[:]
+    labels = torch.tensor(subset["label"], dtype=torch.long)
+    return _Questions(
+        questions=list(subset["text"]),
+        answers=[ANSWERS[i] for i in labels.tolist()],
+        labels=labels,
+        features=table.lookup([str(i) for i in subset["image_id"]]),
+        present=torch.ones(len(rows), dtype=torch.bool),
+    )
+
+
+def run_vlm_training(config: VLMTrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate the conditions on the test subset, write ``results.json``; return it."""
+    from mllm_missing.backbones.hf import load_smollm2
+    from mllm_missing.backbones.missing_aware_vlm import MissingAwareVLM
+    from mllm_missing.backbones.offline import load_default_image_encoder
+    from mllm_missing.backbones.projector_vlm import ProjectorVLM
+    from mllm_missing.data.easy_vqa import ANSWERS, load_easy_vqa
+    from mllm_missing.training.trainer import LoopConfig, fit
+
+    started = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output = Path(config.output_dir)
+    encoder = load_default_image_encoder(image_size=config.image_size)
+    train_set = load_easy_vqa(split="train", cache_dir=config.cache_dir)
+    test_set = load_easy_vqa(split="test", cache_dir=config.cache_dir)
+    train_rows = subset_rows(len(train_set), config.train_size, config.seed)
+    val_rows = subset_rows(len(train_set), config.val_size, config.seed, skip=config.train_size)
+    train = _load(config, train_set, "train", train_rows, encoder)
+    val = _load(config, train_set, "train", val_rows, encoder)
+    test_rows = subset_rows(len(test_set), config.test_size, 0)
+    test = _load(config, test_set, "test", test_rows, encoder)
+    # Image dropout as data: a seeded table of which training samples have no image.
+    generator = torch.Generator().manual_seed(config.seed + 7919)
+    train.present = torch.rand(len(train_rows), generator=generator) >= config.image_dropout
+    prepared = time.perf_counter() - started
+
+    lm = load_smollm2(cache_dir=config.cache_dir)
+    torch.manual_seed(config.seed)
+    vlm = ProjectorVLM(
+        lm, image_dim=encoder.dim, num_image_tokens=config.num_image_tokens,
+        projector_dim=config.projector_dim,
+    )  # fmt: skip
+    model = MissingAwareVLM(vlm, system_prompt=config.system_prompt)
+    options = list(ANSWERS)
+    results: dict[str, Any] = {"config": asdict(config), "complete": False, "test": {}}
+    results_path = output / "results.json"
+    if (output / "checkpoints" / "last").exists() and not resume:
+        raise ConfigError(
+            f"{output} already holds a checkpoint; pass --resume to continue it or choose "
+            "another output_dir (nothing there is overwritten)"
+        )
+    if resume and results_path.is_file():
+        # Conditions scored before the interruption are kept (same config only).
+        previous = json.loads(results_path.read_text(encoding="utf-8"))
+        if previous.get("config") == results["config"]:
+            results["test"] = previous.get("test", {})
+
+    def score(condition: str, data: _Questions, use_missing_tokens: bool) -> None:
+        if condition in config.conditions and condition not in results["test"]:
+            results["test"][condition] = _timed(
+                model, data, options, config, use_missing_tokens, condition
+            )
+            output.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(results_path, json.dumps(results, indent=2))
+
+    absent = _Questions(test.questions, test.answers, test.labels, test.features,
+                        torch.zeros(len(test.questions), dtype=torch.bool))  # fmt: skip
+    score("untrained_present", test, True)
+    score("text_only", absent, False)
+
+    loop = LoopConfig(
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+        weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio,
+        max_grad_norm=config.max_grad_norm, seed=config.seed,
+        checkpoint_every=config.checkpoint_every, output_dir=str(output),
+    )  # fmt: skip
+    if not {"present", "absent"} & set(config.conditions):
+        # Only the references asked for: nothing to train.
+        results["complete"] = True
+        atomic_write_text(results_path, json.dumps(results, indent=2))
+        return results
+    task = VLMTask(model, train, val, options)
+    train_started = time.perf_counter()
+    fitted = fit(task, loop, resume=resume)
+    train_seconds = time.perf_counter() - train_started
+    # Score the best epoch's parameters, as saved for chat.
+    model = MissingAwareVLM.from_pretrained(output / "best", vlm)
+    score("present", test, True)
+    score("absent", absent, True)
+    results.update(
+        complete=True,
+        task="easy_vqa",
+        metric="accuracy",
+        answers=options,
+        sizes={
+            "train": len(train_rows),
+            "val": len(val_rows),
+            "test": len(test.questions),
+            "train_image_absent": int((~train.present).sum()),
+        },
+        training={
+            "steps": fitted.steps,
+            "seconds": train_seconds,
+            "steps_per_second": fitted.steps / max(train_seconds, 1e-9),
+            "history": fitted.history,
+            "trainable_parameters": fitted.trainable_parameters,
+            "frozen_parameters": fitted.frozen_parameters,
+        },
+        models={"language_model": lm.name, "image_encoder": encoder.name},
+        checkpoint=str(output / "best"),
+        seconds={"prepare": prepared, "total": time.perf_counter() - started},
+        versions={"python": platform.python_version(), "torch": torch.__version__},
+    )
+    atomic_write_text(results_path, json.dumps(results, indent=2))
+    return results
+
+
+def _timed(
+    model: Any,
+    data: _Questions,
+    options: list[str],
+    config: VLMTrainConfig,
+    use_missing_tokens: bool,
+    condition: str,
+) -> dict[str, float]:
+    started = time.perf_counter()
+    value = accuracy(
+        model, data, options, config.eval_batch_size,
+        use_missing_tokens=use_missing_tokens, desc=condition,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    logger.info("test %s: accuracy %.4f (%d questions, %.0f s)", condition, value,
+                len(data.questions), seconds)  # fmt: skip
+    return {"accuracy": value, "questions": len(data.questions), "seconds": seconds}

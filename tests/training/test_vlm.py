@@ -1,0 +1,203 @@
+"""The easy-VQA projector VLM recipe: missing-aware tokens, answer scoring, training, config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mllm_missing.backbones.hf import FrozenCausalLM
+from mllm_missing.backbones.missing_aware_vlm import MissingAwareVLM
+from mllm_missing.backbones.projector_vlm import ProjectorVLM
+from mllm_missing.backbones.testing import tiny_llama_config, tiny_tokenizer
+from mllm_missing.config import load_config
+from mllm_missing.errors import ConfigError
+from mllm_missing.training.trainer import LoopConfig, fit
+from mllm_missing.training.vlm import VLMTask, VLMTrainConfig, _Questions, accuracy
+
+RECIPE = (
+    Path(__file__).resolve().parents[2]
+    / "recipes" / "configs" / "easy_vqa" / "smollm2-efficientnet_projector.yaml"
+)  # fmt: skip
+OPTIONS = ["red", "green", "blue", "circle", "rectangle"]
+CORPUS = [
+    "what colour is the shape",
+    "what shape is it",
+    *OPTIONS,
+    "red circle blue rectangle",
+] * 20
+DIM = 16
+
+
+def make_model(seed: int = 0) -> MissingAwareVLM:
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer(CORPUS)
+    torch.manual_seed(seed)
+    lm = FrozenCausalLM(
+        LlamaForCausalLM(tiny_llama_config(len(tokenizer), initializer_range=0.2)),
+        tokenizer,
+        name="tiny-llama",
+    )
+    torch.manual_seed(seed + 1)
+    return MissingAwareVLM(ProjectorVLM(lm, image_dim=DIM, num_image_tokens=3))
+
+
+def questions(n: int, present: bool = True) -> _Questions:
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.randint(len(OPTIONS), (n,), generator=generator)
+    return _Questions(
+        questions=["what colour is the shape" if i % 2 else "what shape is it" for i in range(n)],
+        answers=[OPTIONS[i] for i in labels.tolist()],
+        labels=labels,
+        features=torch.randn(n, DIM, generator=generator),
+        present=torch.full((n,), present, dtype=torch.bool),
+    )
+
+
+def brute_force_scores(
+    model: MissingAwareVLM, question: str, feature: torch.Tensor | None, missing: bool = True
+) -> list[float]:
+    """Sum of answer-token log-probs, one full teacher-forced pass per option."""
+    vlm = model.vlm
+    tokens = model.image_tokens([feature], use_missing_tokens=missing)
+    scores = []
+    for option in OPTIONS:
+        embeds, mask, labels = vlm.build_inputs([model.chat(question)], tokens, [option])
+        assert labels is not None
+        logits = vlm.lm(inputs_embeds=embeds, attention_mask=mask)[0, :-1].log_softmax(-1)
+        targets = labels[0, 1:]
+        keep = targets != -100
+        scores.append(float(logits[keep].gather(-1, targets[keep][:, None]).sum()))
+    return scores
+
+
+def test_scores_equal_full_passes_and_score_options() -> None:
+    model = make_model().eval()
+    data = questions(3)
+    features = [data.features[0], None, data.features[2]]
+    with torch.no_grad():
+        got = model.score_answers(data.questions, OPTIONS, image_features=features)
+        for row, feature in enumerate(features):
+            expected = brute_force_scores(model, data.questions[row], feature)
+            assert torch.allclose(got[row], torch.tensor(expected), atol=1e-4), row
+        # Without missing tokens an absent image is the plain text-only chat: the LM's own scorer.
+        text_only = model.score_answers(
+            data.questions[:1], OPTIONS, image_features=[None], use_missing_tokens=False
+        )
+        reference = model.vlm.lm.score_options(model.chat(data.questions[0]), OPTIONS)
+    assert torch.allclose(text_only[0], torch.tensor(reference), atol=1e-4)
+
+
+def test_loss_is_the_forward_loss_on_answer_tokens() -> None:
+    model = make_model()
+    data = questions(4)
+    rows = torch.arange(4)
+    chats = [model.chat(q) for q in data.questions]
+    expected = model.vlm(chats, image_features=data.features, answers=data.answers).loss
+    got = model.loss(data.questions, data.answers, image_features=data.features_of(rows))
+    assert expected is not None and torch.allclose(got, expected, atol=1e-5)
+
+
+def test_absent_image_uses_the_missing_tokens() -> None:
+    model = make_model().eval()
+    data = questions(2)
+    present = model.score_answers(data.questions, OPTIONS, image_features=data.features)
+    absent = model.score_answers(data.questions, OPTIONS, image_features=[None, None])
+    text_only = model.score_answers(
+        data.questions, OPTIONS, image_features=[None, None], use_missing_tokens=False
+    )
+    assert not torch.allclose(present, absent) and not torch.allclose(absent, text_only)
+    with torch.no_grad():
+        model.missing_tokens.tokens.add_(1.0)
+    moved = model.score_answers(data.questions, OPTIONS, image_features=[None, None])
+    same = model.score_answers(data.questions, OPTIONS, image_features=data.features)
+    assert not torch.allclose(moved, absent) and torch.equal(same, present)
+
+
+def test_one_step_trains_only_projector_and_missing_tokens(tmp_path: Path) -> None:
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = questions(8)
+    train.present = torch.tensor([True, False] * 4)  # image dropout: both kinds in the batch
+    task = VLMTask(model, train, questions(4), OPTIONS)
+    loop = LoopConfig(epochs=1, batch_size=8, lr=1e-2, seed=0, output_dir=str(tmp_path / "run"))
+    result = fit(task, loop)
+    assert result.steps == 1
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed == trainable
+    assert trainable == {
+        "missing_tokens.tokens",
+        *(f"vlm.projector.{n}" for n, _ in model.vlm.projector.named_parameters()),
+    }
+    assert (tmp_path / "run" / "checkpoints" / "last" / "trainable.safetensors").is_file()
+    assert 0.0 <= result.best_metric <= 1.0  # type: ignore[operator]
+
+
+def test_save_and_load_give_identical_scores(tmp_path: Path) -> None:
+    model = make_model()
+    with torch.no_grad():
+        model.missing_tokens.tokens.normal_()
+        for p in model.vlm.projector.parameters():
+            p.add_(0.1)
+    data = questions(4)
+    data.present = torch.tensor([True, False, True, False])
+    model.save_pretrained(tmp_path / "saved")
+    fresh = make_model(seed=7)  # same LM weights (seed only moves the projector and tokens)
+    fresh = MissingAwareVLM.from_pretrained(tmp_path / "saved", make_model().vlm)
+    rows = torch.arange(4)
+    expected = model.eval().score_answers(
+        data.questions, OPTIONS, image_features=data.features_of(rows)
+    )
+    got = fresh.eval().score_answers(data.questions, OPTIONS, image_features=data.features_of(rows))
+    assert torch.equal(expected, got)
+    assert accuracy(model, data, OPTIONS, 2) == accuracy(fresh, data, OPTIONS, 3)
+    saved = json.loads((tmp_path / "saved" / "missing_tokens.json").read_text())
+    assert saved["num_tokens"] == 3
+
+
+def test_recipe_config_parses() -> None:
+    config = load_config(VLMTrainConfig, RECIPE)
+    assert config.output_dir.endswith(RECIPE.stem)
+    assert config.threads == 1 and set(config.conditions) == {
+        "present",
+        "absent",
+        "untrained_present",
+        "text_only",
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["image_dropout=1.5"], "image_dropout"),
+        (["batch_size=0"], "batch_size"),
+        (["conditions=[present,sideways]"], "conditions"),
+        (["lr=-1"], "lr"),
+        (["train_size=lots"], "train_size"),
+        (["learning_rate=0.1"], "learning_rate"),
+    ],
+)
+def test_config_errors_name_the_field(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        load_config(VLMTrainConfig, RECIPE, overrides)
+
+
+@pytest.mark.slow
+def test_recipe_runs_on_the_real_models(tmp_path: Path) -> None:
+    from mllm_missing.training.vlm import run_vlm_training
+
+    config = VLMTrainConfig(
+        train_size=8, val_size=4, test_size=4, batch_size=4, eval_batch_size=4,
+        checkpoint_every=1, conditions=("present", "absent", "text_only"),
+        output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    results = run_vlm_training(config)
+    assert results["training"]["steps"] == 2
+    assert set(results["test"]) == {"present", "absent", "text_only"}
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["train_size"] == 8
+    assert (tmp_path / "run" / "best" / "projector" / "projector_model.safetensors").is_file()
