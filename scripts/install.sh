@@ -62,4 +62,19 @@ case ",$extras," in
         "(as root: apt-get install pocketsphinx-testdata); they skip without it"
     fi ;;
 esac
+# Headless Chromium for the web chat's end-to-end test (playwright drives the Debian browser; its
+# own browser download is not used).
+case ",$extras," in
+  *,dev,*)
+    if [ -x /usr/bin/chromium ]; then
+      :
+    elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      echo "installing Debian chromium (headless browser for the web chat test)"
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+          chromium >/dev/null; } || echo "note: could not install chromium"
+    else
+      echo "note: the web chat's browser test needs Debian's chromium" \
+        "(as root: apt-get install chromium); it skips without it"
+    fi ;;
+esac
 echo "ready: $venv/bin/mllm-missing"
