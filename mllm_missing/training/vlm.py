@@ -23,13 +23,22 @@ import torch
 from mllm_missing.atomic import atomic_write_text
 from mllm_missing.errors import ConfigError
 
-__all__ = ["CONDITIONS", "VLMTask", "VLMTrainConfig", "run_vlm_training", "subset_rows"]
+__all__ = [
+    "CONDITIONS",
+    "RECIPE_CONFIG_FILE",
+    "VLMTask",
+    "VLMTrainConfig",
+    "load_trained_vlm",
+    "run_vlm_training",
+    "subset_rows",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Evaluation conditions: trained model with the image / without it (missing tokens), and the
 #: references: untrained projector with the image, plain text-only SmolLM2 (no image tokens).
 CONDITIONS = ("present", "absent", "untrained_present", "text_only")
+RECIPE_CONFIG_FILE = "recipe_config.json"
 
 
 @dataclass
@@ -130,8 +139,16 @@ class VLMTask:
     metric = "accuracy"
     higher_is_better = True
 
-    def __init__(self, model: Any, train: _Questions, val: _Questions, options: list[str]):
+    def __init__(
+        self,
+        model: Any,
+        train: _Questions,
+        val: _Questions,
+        options: list[str],
+        config: VLMTrainConfig | None = None,
+    ):
         self.model = model
+        self.config = config
         self.train = train
         self.val = val
         self.options = options
@@ -160,8 +177,11 @@ class VLMTask:
         return {"accuracy": accuracy(self.model, self.val, self.options, 32)}
 
     def save_pretrained(self, directory: Path) -> None:
-        """The projector and missing tokens."""
+        """The projector, the missing tokens and the recipe config (`RECIPE_CONFIG_FILE`)."""
         self.model.write_files(directory)
+        if self.config is not None:
+            text = json.dumps(asdict(self.config), indent=2)
+            (Path(directory) / RECIPE_CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
 
 
 def accuracy(
@@ -290,7 +310,7 @@ def run_vlm_training(config: VLMTrainConfig, *, resume: bool = False) -> dict[st
         results["complete"] = True
         atomic_write_text(results_path, json.dumps(results, indent=2))
         return results
-    task = VLMTask(model, train, val, options)
+    task = VLMTask(model, train, val, options, config)
     train_started = time.perf_counter()
     fitted = fit(task, loop, resume=resume)
     train_seconds = time.perf_counter() - train_started
@@ -343,3 +363,37 @@ def _timed(
     logger.info("test %s: accuracy %.4f (%d questions, %.0f s)", condition, value,
                 len(data.questions), seconds)  # fmt: skip
     return {"accuracy": value, "questions": len(data.questions), "seconds": seconds}
+
+
+def load_trained_vlm(
+    directory: str | Path, *, cache_dir: str | None = None, device: str | torch.device = "cpu"
+) -> Any:
+    """The offline VLM (EfficientNet-Lite0 + SmolLM2) with a trained checkpoint loaded, for chat.
+
+    Args:
+        directory: a checkpoint folder written by the recipe (``output_dir/best``).
+        cache_dir: cache root of the converted SmolLM2 copy.
+        device: where to put the models.
+
+    Returns:
+        A `MissingAwareVLM`: ``generate(question, image)`` with a PIL image, or None when the
+        image is absent (the learned missing tokens stand in for it).
+    """
+    from mllm_missing.backbones.hf import load_smollm2
+    from mllm_missing.backbones.missing_aware_vlm import MissingAwareVLM
+    from mllm_missing.backbones.offline import load_default_image_encoder
+    from mllm_missing.backbones.projector_vlm import CONFIG_FILE, ProjectorVLM
+
+    directory = Path(directory)
+    settings: dict[str, Any] = {}
+    if (directory / RECIPE_CONFIG_FILE).is_file():
+        settings = json.loads((directory / RECIPE_CONFIG_FILE).read_text(encoding="utf-8"))
+    projector = json.loads((directory / "projector" / CONFIG_FILE).read_text(encoding="utf-8"))
+    image_size = int(settings.get("image_size", VLMTrainConfig.image_size))
+    vlm = ProjectorVLM(
+        load_smollm2(cache_dir=cache_dir, device=device),
+        load_default_image_encoder(image_size=image_size, device=device),
+        num_image_tokens=int(projector["num_image_tokens"]),
+        projector_dim=int(projector["projector_dim"]),
+    )
+    return MissingAwareVLM.from_pretrained(directory, vlm)

@@ -122,7 +122,7 @@ def test_one_step_trains_only_projector_and_missing_tokens(tmp_path: Path) -> No
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train = questions(8)
     train.present = torch.tensor([True, False] * 4)  # image dropout: both kinds in the batch
-    task = VLMTask(model, train, questions(4), OPTIONS)
+    task = VLMTask(model, train, questions(4), OPTIONS, VLMTrainConfig(train_size=8))
     loop = LoopConfig(epochs=1, batch_size=8, lr=1e-2, seed=0, output_dir=str(tmp_path / "run"))
     result = fit(task, loop)
     assert result.steps == 1
@@ -135,6 +135,8 @@ def test_one_step_trains_only_projector_and_missing_tokens(tmp_path: Path) -> No
         *(f"vlm.projector.{n}" for n, _ in model.vlm.projector.named_parameters()),
     }
     assert (tmp_path / "run" / "checkpoints" / "last" / "trainable.safetensors").is_file()
+    saved = json.loads((tmp_path / "run" / "best" / "recipe_config.json").read_text())
+    assert saved["train_size"] == 8
     assert 0.0 <= result.best_metric <= 1.0  # type: ignore[operator]
 
 
@@ -201,3 +203,13 @@ def test_recipe_runs_on_the_real_models(tmp_path: Path) -> None:
     assert set(results["test"]) == {"present", "absent", "text_only"}
     assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["train_size"] == 8
     assert (tmp_path / "run" / "best" / "projector" / "projector_model.safetensors").is_file()
+    # The checkpoint loads onto the offline VLM for chat, with and without an image.
+    from mllm_missing.data.easy_vqa import load_easy_vqa
+    from mllm_missing.training.vlm import load_trained_vlm
+
+    model = load_trained_vlm(tmp_path / "run" / "best")
+    assert model.vlm.image_encoder.image_size == config.image_size
+    image = load_easy_vqa(split="test", limit=1)[0]["image"]
+    for answer in (model.generate("What color is the shape?", image, max_new_tokens=4),
+                   model.generate("What color is the shape?", None, max_new_tokens=4)):  # fmt: skip
+        assert isinstance(answer, str)
