@@ -158,8 +158,12 @@ def write_eval_results(
     samples: int,
     *,
     timing: Mapping[str, Any],
+    schedulers: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write results.json, results.md and ``<metric>_vs_missing.png`` into the output folder.
+
+    `schedulers` (kind -> decisions and costs, see `evals.scheduling.scheduler_rows`) adds the
+    table of each scheduler's choice per presence pattern; their rows are in `rows`.
 
     Returns:
         The results (as in results.json) plus ``markdown`` (what results.md holds).
@@ -168,7 +172,7 @@ def write_eval_results(
     backbones = {m.name: m.spec.get("backbone", "") for m in methods}
     for row in rows:
         row["value"] = row["metrics"][metric]
-        row["backbone"] = backbones[row["method"]]
+        row["backbone"] = backbones.get(row["method"], "")
     others = [m for m in rows[0]["metrics"] if m != metric] if rows else []
     ratios = robustness(rows)
     trained = sorted({_describe(m.train_missing) for m in methods})
@@ -186,6 +190,10 @@ def write_eval_results(
             f"## Robustness: {metric} at 70 % missing / {metric} with every modality\n\n"
             + _robustness_table(ratios, metric)
         )
+    if schedulers:
+        from evals.scheduling import schedulers_markdown
+
+        sections.append(schedulers_markdown(schedulers, methods))
     if config.compare:
         sections.append(anchor_comparison(task.name, metric, rows, config.text_mode))
     markdown = "\n\n".join(sections) + "\n"
@@ -213,6 +221,8 @@ def write_eval_results(
         "versions": environment_versions(),
         "timing": dict(timing),
     }
+    if schedulers:
+        results["schedulers"] = dict(schedulers)
     if config.compare:
         results["anchors"] = [dataclasses.asdict(a) for a in anchors_for(task.name)]
     output = Path(config.output_dir)

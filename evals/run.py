@@ -59,6 +59,14 @@ class EvalConfig:
         backbone_weights: local weights of hub backbones (default: the checkpoint's).
         overwrite: discard earlier results in output_dir made with other settings.
         threads: torch CPU threads (0: torch's default).
+        schedulers: scheduler kinds (``fixed``, ``rule``, ``llm``) routing each sample's presence
+            pattern to one of the checkpoints (one per imputation + fusion pair).
+        fixed: the ``fixed`` scheduler's option ``imputation+fusion`` (default: the first
+            checkpoint's).
+        validation_scores: per-pattern validation scores (a ``pattern_scores.json`` written by
+            a ``--split val`` run); ``rule`` needs them, ``llm`` shows them to its LLM.
+        scheduler_llm: the ``llm`` scheduler's model (preset or local path).
+        scheduler_task: the task description the LLM reads (default: the task's).
     """
 
     task: str
@@ -78,14 +86,29 @@ class EvalConfig:
     backbone_weights: str | None = None
     overwrite: bool = False
     threads: int = 0
+    schedulers: tuple[str, ...] = ()
+    fixed: str | None = None
+    validation_scores: str | None = None
+    scheduler_llm: str = "smollm2-135m-instruct"
+    scheduler_task: str | None = None
 
     def __post_init__(self) -> None:
         from evals.tasks import TASKS
+        from mllm_missing.scheduler import SCHEDULER_KINDS
 
         if self.task not in TASKS.names():
             raise ConfigError(f"task must be one of {', '.join(TASKS.names())}; got {self.task!r}")
         self.checkpoints = tuple(self.checkpoints)
         self.missing, self.sweep = tuple(self.missing), tuple(self.sweep)
+        kinds = [k.strip() for k in ",".join(self.schedulers).split(",") if k.strip()]
+        self.schedulers = tuple(dict.fromkeys(kinds))
+        for kind in self.schedulers:
+            if kind not in SCHEDULER_KINDS:
+                raise ConfigError(
+                    f"scheduler must be one of {', '.join(SCHEDULER_KINDS)}; got {kind!r}"
+                )
+        if self.validation_scores and not Path(self.validation_scores).is_file():
+            raise ConfigError(f"validation_scores: no such file {self.validation_scores!r}")
         if not self.checkpoints:
             raise ConfigError("checkpoint: give at least one --checkpoint DIR (or NAME=DIR)")
         if self.task != "easy_vqa" and not self.data_root:
@@ -245,12 +268,16 @@ def _check_output(config: EvalConfig, ident: dict[str, Any], output: Path) -> di
     if differ:
         shutil.rmtree(output / "rows", ignore_errors=True)
         shutil.rmtree(output / "masks", ignore_errors=True)
+        shutil.rmtree(output / "logits", ignore_errors=True)
         return ident
     return {**ident, "methods": {**old.get("methods", {}), **ident["methods"]}}
 
 
 def run_eval(
-    config: EvalConfig, *, backbone_factory: Callable[[Method], Any] | None = None
+    config: EvalConfig,
+    *,
+    backbone_factory: Callable[[Method], Any] | None = None,
+    scheduler_llm: Any = None,
 ) -> dict[str, Any]:
     """Evaluate every checkpoint at every test setting; write results.json, results.md, a plot.
 
@@ -258,6 +285,7 @@ def run_eval(
         config: the run's settings.
         backbone_factory: builds the frozen backbone of a checkpoint instead of its preset
             (tests pass tiny backbones built from configs).
+        scheduler_llm: an already loaded LLM for the ``llm`` scheduler (tests pass a tiny one).
 
     Returns:
         The results written to ``output_dir/results.json``.
@@ -266,6 +294,7 @@ def run_eval(
     from tqdm.auto import tqdm
 
     from evals.report import write_eval_results
+    from evals.scheduling import PredictionKeeper, pattern_scores, scheduler_rows
     from evals.tasks import TASKS
     from mllm_missing.model import MissingModalityModel
     from mllm_missing.training.supervised import (
@@ -291,7 +320,7 @@ def run_eval(
     task = task_class(config.data_root, **options)
     split = config.split or task.eval_split
     config.split = split
-    dataset = task.load(split)
+    dataset = _load_split(task, split, methods)
     task.references(dataset)  # a split without labels is refused before any work
     if config.limit:
         dataset = dataset.select(range(min(config.limit, len(dataset))))
@@ -305,7 +334,13 @@ def run_eval(
     def row_path(method: Method, setting: Any) -> Path:
         return output / "rows" / method.name / f"{setting.slug}.json"
 
-    pending = [(m, s) for m in methods for s in settings if not row_path(m, s).is_file()]
+    def logits_path(method: Method, setting: Any) -> Path:
+        return output / "logits" / method.name / f"{setting.slug}.pt"
+
+    def done(method: Method, setting: Any) -> bool:
+        return row_path(method, setting).is_file() and logits_path(method, setting).is_file()
+
+    pending = [(m, s) for m in methods for s in settings if not done(m, s)]
     reused = len(methods) * len(settings) - len(pending)
     if reused:
         logger.info("resuming: %d of %d results already in %s", reused, reused + len(pending),
@@ -327,13 +362,15 @@ def run_eval(
         model = MissingModalityModel.from_pretrained(method.path, backbone=backbone).to(device)
         for setting in todo:
             progress.set_postfix_str(f"{method.name} {setting.describe()}")
+            keep = PredictionKeeper(info, logits_path(method, setting))
             row = evaluate_missing(
                 model, dataset, split, info, setting,
                 mask_root=output / "masks", cache_dir=config.cache_dir,
                 cache_tag=feature_cache_tag(backbone, image_size), seed=config.seed,
-                n_resamples=config.bootstrap,
+                n_resamples=config.bootstrap, on_predictions=keep,
             )  # fmt: skip
-            row = {"method": method.name, "train_missing": method.train_missing, **row}
+            row = {"method": method.name, "train_missing": method.train_missing, **row,
+                   "patterns": keep.patterns}  # fmt: skip
             text = json.dumps(row, indent=2, sort_keys=True)
             atomic_write_text(row_path(method, setting), text)
             progress.update(1)
@@ -342,11 +379,48 @@ def run_eval(
     rows = [
         json.loads(row_path(m, s).read_text(encoding="utf-8")) for m in methods for s in settings
     ]
+    scores = pattern_scores(info, split, methods, rows)
+    atomic_write_text(output / "pattern_scores.json", json.dumps(scores, indent=2, sort_keys=True))
+    schedulers: dict[str, Any] = {}
+    if config.schedulers:
+
+        def load_logits(method: Method, setting: Any) -> dict[str, Any]:
+            loaded: dict[str, Any] = torch.load(logits_path(method, setting))
+            return loaded
+
+        routed, schedulers = scheduler_rows(
+            config, info, methods, settings, load_logits, llm=scheduler_llm
+        )
+        rows += routed
     return write_eval_results(
         config, info, methods, settings, rows, len(dataset),
         timing={"seconds": time.perf_counter() - started, "evaluated": len(pending),
                 "reused": reused},
+        schedulers=schedulers,
     )  # fmt: skip
+
+
+def _load_split(task: Any, split: str, methods: Sequence[Method]) -> Any:
+    """The split to score; ``val`` of a task without one is the share of train that training
+    held out (`hold_out` with the checkpoints' training seed and val_fraction)."""
+    from mllm_missing.training.config import DATASETS
+    from mllm_missing.training.supervised import hold_out
+
+    if split != "val" or "val" in task.splits:
+        return task.load(split)
+    own = DATASETS.get(task.info.name, (None, None, None))[1]
+    if own is not None:
+        raise ConfigError(f"split val: {task.info.name}'s validation split is {own!r}; pass "
+                          f"--split {own}")  # fmt: skip
+    held = {(m.training.get("seed"), m.training.get("val_fraction", 0.1)) for m in methods}
+    seed, fraction = next(iter(held))
+    if len(held) != 1 or seed is None:
+        raise ConfigError(
+            f"split val: {task.info.name} has no validation split; it is rebuilt from the "
+            "checkpoints' training seed, which must be recorded and equal for all of them "
+            f"(got seed, val_fraction {sorted(held, key=str)})"
+        )
+    return hold_out(task.load("train"), int(seed), float(fraction))[1]
 
 
 def evaluate_missing(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -389,6 +463,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="discard results in --output-dir made with other settings")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    parser.add_argument("--scheduler", action="append", default=[], metavar="KIND",
+                        help="fixed, rule or llm (repeatable or a comma list): also score each "
+                        "sample with the checkpoint the scheduler picks for its presence "
+                        "pattern (give one checkpoint per imputation+fusion pair)")  # fmt: skip
+    parser.add_argument(
+        "--fixed",
+        metavar="IMPUTATION+FUSION",
+        help="the fixed scheduler's pair (default: the first checkpoint's)",
+    )
+    parser.add_argument("--validation-scores", metavar="JSON",
+                        help="per-pattern validation scores: the pattern_scores.json of a "
+                        "--split val run (rule needs them; llm shows them to its LLM)")  # fmt: skip
+    parser.add_argument(
+        "--scheduler-llm",
+        default="smollm2-135m-instruct",
+        help="the llm scheduler's model: smollm2-135m-instruct or a local path",
+    )
+    parser.add_argument("--scheduler-task", help="task description the LLM scheduler reads")
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -400,6 +492,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         bootstrap=args.bootstrap, device=args.device, limit=args.limit,
         text_mode=args.text_mode, cache_dir=args.cache_dir,
         backbone_weights=args.backbone_weights, overwrite=args.overwrite, threads=args.threads,
+        schedulers=tuple(args.scheduler), fixed=args.fixed,
+        validation_scores=args.validation_scores, scheduler_llm=args.scheduler_llm,
+        scheduler_task=args.scheduler_task,
     )  # fmt: skip
 
 

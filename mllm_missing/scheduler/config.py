@@ -89,6 +89,8 @@ class SchedulerConfig:
         llm: the ``llm`` kind's model: ``smollm2-135m-instruct`` (offline package) or a local
             transformers checkpoint folder / GGUF file.
         reduction: how an option's token log-likelihoods are combined, ``mean`` or ``sum``.
+        calibrate: rank options by their log-likelihood minus that given the option list
+            alone (removes the LLM's prior for some names; two scoring passes per decision).
     """
 
     kind: str = "rule"
@@ -101,6 +103,7 @@ class SchedulerConfig:
     fixed: str | None = None
     llm: str = "smollm2-135m-instruct"
     reduction: str = "mean"
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         from mllm_missing.strategies.fusion import FUSIONS
@@ -128,6 +131,8 @@ class SchedulerConfig:
             Option.parse(option, field="options")
         if self.reduction not in ("mean", "sum"):
             raise ConfigError(f"reduction must be one of mean, sum; got {self.reduction!r}")
+        if not isinstance(self.calibrate, bool):
+            raise ConfigError(f"calibrate must be true or false; got {self.calibrate!r}")
         if self.kind == "llm" and not str(self.llm).strip():
             raise ConfigError("llm must name a preset (smollm2-135m-instruct) or a local path")
         if self.kind == "fixed":

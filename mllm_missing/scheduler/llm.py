@@ -4,6 +4,11 @@ The LLM reads the task, the input's modality status and one line per option (its
 descriptions and, when known, the option's validation score on this pattern), and each option's
 name is scored as the whole answer (`FrozenCausalLM.score_options`). The argmax is the decision,
 so the answer is always an allowed option: nothing is generated or parsed.
+
+With ``calibrate`` (the default) each option's log-likelihood is taken relative to the same
+option list without the evidence (no task, status, descriptions or scores): a small LLM's prior
+for some names (long, predictable ones such as ``learned_token+masked_attention``) otherwise
+decides alone, whatever the prompt says (the surface-form competition of Holtzman et al., 2021).
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from mllm_missing.scheduler.base import Decision, ModuleCatalog, Scheduler, stat
 from mllm_missing.scheduler.config import Option, SchedulerConfig
 from mllm_missing.types import Presence
 
-__all__ = ["LLMScheduler", "OptionScorer", "build_prompt", "load_scheduler_llm"]
+__all__ = [
+    "LLMScheduler",
+    "OptionScorer",
+    "build_baseline_prompt",
+    "build_prompt",
+    "load_scheduler_llm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +91,15 @@ def build_prompt(
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
+def build_baseline_prompt(options: list[Option]) -> list[dict[str, str]]:
+    """The same option list with no evidence: what the LLM answers from the names alone."""
+    user = "\n".join(
+        ["Options:", *(f"- {o.name}" for o in options),
+         "Which option should process this input? Answer with the option's name."]
+    )  # fmt: skip
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
 class LLMScheduler(Scheduler):
     """Ranks the allowed options with a chat LLM; one LLM call per (task, pattern).
 
@@ -99,7 +119,8 @@ class LLMScheduler(Scheduler):
     ) -> None:
         super().__init__(config, catalog)
         self._llm = llm
-        self.llm_calls = 0
+        self.llm_calls = 0  # decisions the LLM was asked for (one per task and pattern)
+        self.scoring_passes = 0  # score_options calls (two per decision when calibrated)
         self.llm_seconds = 0.0
         self.load_seconds = 0.0
 
@@ -123,10 +144,15 @@ class LLMScheduler(Scheduler):
         options = self._ordered(presence)
         messages = build_prompt(task, presence, options, self.catalog, self.config.modalities)
         llm = self.llm
+        names = [o.name for o in options]
+        reduction = self.config.reduction
         started = time.perf_counter()
-        values = llm.score_options(
-            messages, [o.name for o in options], reduction=self.config.reduction
-        )
+        values = llm.score_options(messages, names, reduction=reduction)
+        self.scoring_passes += 1
+        if self.config.calibrate:
+            prior = llm.score_options(build_baseline_prompt(options), names, reduction=reduction)
+            values = [v - p for v, p in zip(values, prior)]
+            self.scoring_passes += 1
         self.llm_seconds += time.perf_counter() - started
         self.llm_calls += 1
         ranked = sorted(zip(options, values), key=lambda pair: -pair[1])
@@ -142,11 +168,12 @@ class LLMScheduler(Scheduler):
             if validated is not None
             else ""
         )
+        kind = "calibrated log-likelihood" if self.config.calibrate else "log-likelihood"
         logger.info("llm scheduler, %s: %s", presence.pattern, best)
         return Decision(
             best.imputation, best.fusion, best.prompt,
             rationale=(
-                f"{presence.pattern}: the LLM ranks {best} first (log-likelihood "
+                f"{presence.pattern}: the LLM ranks {best} first ({kind} "
                 f"{self.config.reduction} {value:.3f}{margin}){evidence}"
             ),
             source=self.kind,

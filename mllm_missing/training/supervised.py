@@ -6,6 +6,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -92,14 +93,21 @@ def _limit(dataset: Any, limit: int | None) -> Any:
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
+def hold_out(train: Any, seed: int, fraction: float) -> tuple[Any, Any]:
+    """Split a seeded share `fraction` off `train`: (the rest, the held-out part), both in
+    their original order. The validation split of datasets that have none (easy-VQA); the eval
+    runner's ``--split val`` rebuilds the same one from a checkpoint's training seed."""
+    order = np.random.default_rng(seed).permutation(len(train))
+    count = max(1, round(fraction * len(train)))
+    rest = train.select(sorted(order[count:].tolist()))
+    return rest, train.select(sorted(order[:count].tolist()))
+
+
 def _splits(config: TrainConfig, load: Any) -> dict[str, Any]:
     """train / val / test datasets; without a validation split, a seeded share of train."""
     train = load(config.train_split)
     if config.val_split is None:
-        order = np.random.default_rng(config.seed).permutation(len(train))
-        count = max(1, round(config.val_fraction * len(train)))
-        val = train.select(sorted(order[:count].tolist()))
-        train = train.select(sorted(order[count:].tolist()))
+        train, val = hold_out(train, config.seed, config.val_fraction)
     else:
         val = load(config.val_split)
     return {
@@ -205,11 +213,13 @@ def evaluate_missing(
     cache_tag: str,
     seed: int,
     n_resamples: int = 200,
+    on_predictions: Callable[[SplitData, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """Score `model` on one split under one missing setting (the seeded table under `mask_root`).
 
     The one evaluation path: `run_training` scores its test settings with it and the eval
-    runner (`evals/run.py`) every (checkpoint, setting) pair.
+    runner (`evals/run.py`) every (checkpoint, setting) pair. `on_predictions(split, logits)`
+    sees the predictions before they are scored (the runner keeps them for its schedulers).
 
     Returns:
         ``missing`` (description), ``missing_type``, ``missing_rate``, ``metrics`` (every metric
@@ -220,12 +230,27 @@ def evaluate_missing(
         mask_root=mask_root, cache_dir=cache_dir, cache_tag=cache_tag,
     )  # fmt: skip
     logits = predict(model, split)
+    if on_predictions is not None:
+        on_predictions(split, logits)
+    return score_missing(task, missing, split.labels, logits, seed, n_resamples)
+
+
+def score_missing(
+    task: TaskInfo,
+    missing: MissingConfig,
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    seed: int,
+    n_resamples: int = 200,
+) -> dict[str, Any]:
+    """The result row of `evaluate_missing` for predictions already made (the eval runner
+    scores scheduler-routed predictions with it)."""
     return {
         "missing": missing.describe(),
         "missing_type": MissingType(missing.type).value,
         "missing_rate": missing.rate,
-        "metrics": score(task, split.labels, logits),
-        "ci95": score_interval(task, split.labels, logits, seed, n_resamples),
+        "metrics": score(task, labels, logits),
+        "ci95": score_interval(task, labels, logits, seed, n_resamples),
     }
 
 
@@ -236,6 +261,7 @@ def training_settings(config: TrainConfig) -> dict[str, Any]:
         "dataset": config.dataset,
         "train_missing": config.train_missing,
         "seed": config.seed,
+        "val_fraction": config.val_fraction,
         "image_size": config.image_size,
         "text_mode": config.text_mode,
         "backbone_weights": config.backbone_weights,

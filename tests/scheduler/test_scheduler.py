@@ -129,6 +129,30 @@ def test_llm_prompt_carries_status_descriptions_and_scores(tiny_lm: Any) -> None
     assert "validation accuracy for this pattern: 0.70" in user
 
 
+class PriorLM:
+    """An LLM that loves one name whatever the prompt, and is swayed a little by evidence: the
+    option listed first (the best validated) gains 1.0 when the prompt carries the evidence."""
+
+    def score_options(self, messages: Any, options: Any, **kwargs: Any) -> list[float]:
+        evidence = "Input modality status" in messages[-1]["content"]
+        prior = {"zero+late": -1.0}
+        return [prior.get(o, -5.0) + (1.0 if evidence and i == 0 else 0.0)
+                for i, o in enumerate(options)]  # fmt: skip
+
+
+def test_calibration_removes_the_llms_prior_for_a_name() -> None:
+    plain = SchedulerConfig(kind="llm", options=OPTIONS, calibrate=False)
+    assert build_scheduler(plain, scores=scores(), llm=PriorLM())(BOTH) == ModuleChoice(
+        "zero", "late"
+    )  # the prior wins although zero+concat is listed first (best validated)
+    calibrated = build_scheduler(SchedulerConfig(kind="llm", options=OPTIONS), scores=scores(),
+                                 llm=PriorLM())  # fmt: skip
+    decision = calibrated.decide(BOTH)
+    assert decision.choice == ModuleChoice("zero", "concat")
+    assert decision.scores == {"zero+concat": 1.0, "mean+gated": 0.0, "zero+late": 0.0}
+    assert "calibrated log-likelihood" in decision.rationale
+
+
 def test_decisions_are_cached_per_task_and_pattern(tiny_lm: Any) -> None:
     counting = CountingLM(tiny_lm)
     config = SchedulerConfig(kind="llm", task="easy-VQA", options=OPTIONS)
@@ -136,11 +160,11 @@ def test_decisions_are_cached_per_task_and_pattern(tiny_lm: Any) -> None:
     assert isinstance(scheduler, LLMScheduler)
     inputs = [PATTERNS[i % 3] for i in range(10_000)]
     choices = [scheduler(p) for p in inputs]
-    assert counting.calls == 3 == scheduler.llm_calls
+    assert scheduler.llm_calls == 3 and counting.calls == 6  # each: prompt + calibration
     assert scheduler.cache_misses == 3 and scheduler.cache_hits == 9_997
     assert all(isinstance(c, ModuleChoice) for c in choices)
     scheduler.decide(TEXT_ONLY, task="another task")  # another task is another key
-    assert counting.calls == 4 and len(scheduler.decisions()) == 4
+    assert scheduler.llm_calls == 4 and len(scheduler.decisions()) == 4
 
     threaded = build_scheduler(config, scores=scores(), llm=CountingLM(tiny_lm))
     workers = [threading.Thread(target=threaded, args=(TEXT_ONLY,)) for _ in range(8)]
@@ -197,6 +221,7 @@ def test_fixed_returns_its_option_and_prompt_choices() -> None:
         ({"task": " "}, "task must be a non-empty"),
         ({"modalities": ("smell",)}, "modalities must be one of image, text, audio"),
         ({"reduction": "max"}, "reduction must be one of mean, sum"),
+        ({"calibrate": "yes"}, "calibrate must be true or false"),
         ({"kind": "llm", "llm": ""}, "llm must name a preset"),
     ],
 )
@@ -267,4 +292,4 @@ def test_schedulers_are_the_engines_selector(tiny_lm: Any) -> None:
     engine = InferenceEngine(main, selector=llm, candidates=candidates, batch_size=4)
     engine.predict(samples)
     engine.predict(samples)
-    assert counting.calls == 3 and engine.selector_calls == 3
+    assert llm.llm_calls == 3 and engine.selector_calls == 3  # type: ignore[attr-defined]
