@@ -107,9 +107,10 @@ class ChatTurn:
 
 
 def _scheduler_name(scheduler: Any) -> str:
-    name = getattr(scheduler, "name", None)
-    if isinstance(name, str) and name:
-        return name
+    for attribute in ("name", "kind"):  # kind: mllm_missing.scheduler's llm / rule / fixed
+        name = getattr(scheduler, attribute, None)
+        if isinstance(name, str) and name:
+            return name
     if isinstance(scheduler, FixedSelector):
         return "fixed"
     return type(scheduler).__name__
@@ -122,8 +123,10 @@ class ChatSession:
         answerer: a `ClassifierAnswerer` (trained checkpoint) or `GenerativeAnswerer`.
         scheduler: any `ModuleSelector` (``presence -> ModuleChoice``), asked once per presence
             pattern; default: the answerer's own modules for every pattern. It may explain its
-            choice with a ``rationale`` attribute on the returned choice or an
-            ``explain(presence) -> str`` method; ``scheduler.name`` names it in the replies.
+            choice: a ``decide(presence)`` method returning an object with ``choice`` and
+            ``rationale`` (`mllm_missing.scheduler`'s schedulers), a ``rationale`` attribute on
+            the returned choice, or an ``explain(presence) -> str`` method. ``scheduler.name``
+            (or ``.kind``) names it in the replies.
         transcriber: audio -> text (default: Whisper tiny.en, loaded on the first audio).
         limits: input size limits.
     """
@@ -261,10 +264,15 @@ class ChatSession:
     def _choose(self, presence: Presence) -> tuple[ModuleChoice, str | None]:
         if presence not in self._choices:
             assert self.scheduler is not None
-            choice = self.scheduler(presence)
-            rationale = getattr(choice, "rationale", None)
-            explain = getattr(self.scheduler, "explain", None)
-            if rationale is None and callable(explain):
-                rationale = explain(presence)
+            decide = getattr(self.scheduler, "decide", None)
+            if callable(decide):  # mllm_missing.scheduler: a Decision with its rationale
+                decision = decide(presence)
+                choice, rationale = decision.choice, getattr(decision, "rationale", None)
+            else:
+                choice = self.scheduler(presence)
+                rationale = getattr(choice, "rationale", None)
+                explain = getattr(self.scheduler, "explain", None)
+                if rationale is None and callable(explain):
+                    rationale = explain(presence)
             self._choices[presence] = (choice, rationale)
         return self._choices[presence]

@@ -204,3 +204,16 @@ def test_waveform_input_and_clear(session: Any) -> None:
     assert turn.ok and turn.transcript
     session.clear()
     assert session.history == []
+
+
+def test_a_project_scheduler_reports_its_kind_and_rationale(
+    tiny_model: Any, files: dict[str, Path]
+) -> None:
+    scheduler_package = pytest.importorskip("mllm_missing.scheduler")
+    config = scheduler_package.SchedulerConfig(kind="fixed", fixed="zero+concat")
+    scheduler = scheduler_package.build_scheduler(config)
+    session = ChatSession(ClassifierAnswerer(tiny_model), scheduler=scheduler)
+    turn = session.ask("what shape")
+    assert turn.ok and turn.modules == "zero+concat" and turn.scheduler == "fixed"
+    assert turn.rationale and "text" in turn.rationale
+    assert f"why: {turn.rationale}" in turn.render()
