@@ -213,3 +213,23 @@ def test_recipe_runs_on_the_real_models(tmp_path: Path) -> None:
     for answer in (model.generate("What color is the shape?", image, max_new_tokens=4),
                    model.generate("What color is the shape?", None, max_new_tokens=4)):  # fmt: skip
         assert isinstance(answer, str)
+
+
+def test_interrupted_training_resumes_to_the_same_parameters(tmp_path: Path) -> None:
+    def run(output: Path, stop: int | None) -> dict[str, torch.Tensor]:
+        model = make_model()
+        train = questions(8)
+        train.present = torch.tensor([True, False] * 4)
+        task = VLMTask(model, train, questions(2), OPTIONS)
+        loop = LoopConfig(epochs=1, batch_size=2, lr=1e-2, seed=3, output_dir=str(output))
+        fit(task, loop, stop_after_steps=stop)
+        if stop is not None:  # a fresh process: new model, resumed from the checkpoint
+            model = make_model()
+            task = VLMTask(model, train, questions(2), OPTIONS)
+            fit(task, loop, resume=True)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole = run(tmp_path / "whole", None)
+    resumed = run(tmp_path / "resumed", 2)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
