@@ -133,7 +133,7 @@ def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 8765) -> No
     """Serve the chat page until interrupted (Ctrl-C)."""
     server = make_server(session, host, port)
     bound_host, bound_port = server.server_address[:2]
-    print(f"mllm-missing chat: open http://{bound_host!s}:{bound_port}/ (Ctrl-C stops)")
+    print(f"mllm-missing chat: open http://{bound_host!s}:{bound_port}/ (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
