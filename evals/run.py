@@ -356,9 +356,11 @@ def run_eval(
             backbone = backbone_factory(method)
         else:
             weights = config.backbone_weights or training.get("backbone_weights")
+            # A QLoRA checkpoint was trained on a quantized LLM: evaluate it on the same one.
             backbone = load_backbone(
-                method.spec["backbone"], weights=weights, image_size=image_size, device=device
-            )
+                method.spec["backbone"], weights=weights, image_size=image_size, device=device,
+                quantization=str(training.get("quantization") or "none"),
+            )  # fmt: skip
         model = MissingModalityModel.from_pretrained(method.path, backbone=backbone).to(device)
         for setting in todo:
             progress.set_postfix_str(f"{method.name} {setting.describe()}")

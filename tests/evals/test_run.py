@@ -261,3 +261,28 @@ def test_easy_vqa_offline_default(tmp_path: Path) -> None:
     trained = json.loads((run / "results.json").read_text())["test"]
     assert [r["metrics"] for r in results["rows"]] == [trained[1]["metrics"], trained[0]["metrics"]]
     assert "No published anchors cover easy-VQA" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_a_qlora_checkpoint_is_scored_on_its_quantized_backbone(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from mllm_missing.training import supervised
+
+    checkpoint = tmp_path / "qlora"
+    shutil.copytree(data["mmimdb_run"], checkpoint)
+    for spec_file in checkpoint.rglob("model_config.json"):
+        spec = json.loads(spec_file.read_text())
+        spec["training"]["quantization"] = "nf4"
+        spec_file.write_text(json.dumps(spec))
+    asked: list[str] = []
+
+    def load_backbone(*_: Any, quantization: str = "none", **__: Any) -> Any:
+        asked.append(quantization)
+        return tiny_backbone()
+
+    monkeypatch.setattr(supervised, "load_backbone", load_backbone)
+    changes = {"checkpoints": (f"q={checkpoint}",), "missing": ("both:0.7",), "compare": False}
+    run_eval(config(data, tmp_path / "out", **changes))
+    assert asked and set(asked) == {"nf4"}
