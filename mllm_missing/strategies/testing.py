@@ -168,3 +168,40 @@ def assert_frozen_except(backbone: Backbone, allowed: set[int], name: str) -> No
     for parameter_name, parameter in backbone.named_parameters():  # type: ignore[attr-defined]
         if id(parameter) not in allowed:
             assert not parameter.requires_grad, f"{name}: {parameter_name} requires grad"
+
+
+def tiny_classifier(
+    strategy: str = "none",
+    imputation: str = "zero",
+    backbone: Any = None,
+    labels: Sequence[str] = ("circle", "square", "triangle"),
+) -> Any:
+    """An image + text classifier over a tiny CLIP (random weights), concat fusion, eval mode.
+
+    A prompt strategy gets 2 prompts per block, randomised so adapted towers differ from the
+    frozen ones.
+    """
+    from mllm_missing.model import build_model
+
+    backbone = backbone or tiny_clip()
+    spec = {
+        "backbone": "clip-vit-b-16",
+        "strategy": {"method": strategy, **({"prompt_length": 2} if strategy != "none" else {})},
+        "imputation": imputation,
+        "fusion": "concat",
+        "hidden_size": 16,
+        "routed_head": False,
+        "task": "shapes",
+        "task_type": "multiclass",
+        "num_labels": len(labels),
+        "label_names": list(labels),
+        "modalities": ["image", "text"],
+    }
+    torch.manual_seed(0)
+    dims = {m: backbone.embed_dim(m) for m in (Modality.IMAGE, Modality.TEXT)}
+    model = build_model(spec, backbone, dims)
+    if strategy != "none":
+        with torch.no_grad():
+            for p in model.strategy.parameters():
+                p.normal_(0, 0.5)
+    return model.eval()

@@ -18,27 +18,9 @@ LABELS = ["circle", "square", "triangle"]
 def tiny_model() -> Any:
     """A 3-label image + text classifier on a 2-layer CLIP (random weights), zero+concat."""
     pytest.importorskip("open_clip")
-    from mllm_missing.model import build_model
-    from mllm_missing.strategies.testing import tiny_clip
-    from mllm_missing.types import Modality
+    from mllm_missing.strategies.testing import tiny_classifier
 
-    backbone = tiny_clip()
-    spec = {
-        "backbone": "clip-vit-b-16",
-        "strategy": {"method": "none"},
-        "imputation": "zero",
-        "fusion": "concat",
-        "hidden_size": 16,
-        "routed_head": False,
-        "task": "shapes",
-        "task_type": "multiclass",
-        "num_labels": 3,
-        "label_names": LABELS,
-        "modalities": ["image", "text"],
-    }
-    torch.manual_seed(0)
-    dims = {m: backbone.embed_dim(m) for m in (Modality.IMAGE, Modality.TEXT)}
-    return build_model(spec, backbone, dims).eval()
+    return tiny_classifier(labels=LABELS)
 
 
 class FakeTranscriber:

@@ -32,28 +32,9 @@ def tiny_clip() -> Any:
 
 
 def tiny_model(strategy: str = "none", imputation: str = "zero", backbone: Any = None) -> Any:
-    from mllm_missing.model import build_model
+    from mllm_missing.strategies.testing import tiny_classifier
 
-    backbone = backbone or tiny_clip()
-    spec = {
-        "backbone": "clip-vit-b-16",
-        "strategy": {"method": strategy, **({"prompt_length": 2} if strategy != "none" else {})},
-        "imputation": imputation,
-        "fusion": "concat",
-        "hidden_size": 16,
-        "routed_head": False,
-        "task": "shapes",
-        "task_type": "multiclass",
-        "num_labels": 3,
-        "label_names": LABELS,
-        "modalities": ["image", "text"],
-    }
-    torch.manual_seed(0)
-    model = build_model(spec, backbone, {m: backbone.embed_dim(m) for m in (IMAGE, TEXT)})
-    with torch.no_grad():  # non-zero prompts, so adapted towers differ from the frozen ones
-        for p in model.strategy.parameters():
-            p.normal_(0, 0.5)
-    return model.eval()
+    return tiny_classifier(strategy, imputation, backbone or tiny_clip(), LABELS)
 
 
 def picture(seed: int) -> Image.Image:
