@@ -14,7 +14,7 @@ from mllm_missing.quickstart import QuickstartConfig
 from mllm_missing.training.config import TrainConfig, load_train_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "configs"
-# The projector VLM recipe has its own config class (tests/training/test_vlm.py parses it).
+# The projector VLM recipe has its own config class (tests/training/test_vlm_training.py parses it).
 TRAIN_CONFIGS = sorted(
     p
     for p in RECIPES.glob("*/*.yaml")
