@@ -222,15 +222,40 @@ class MissingAwareVLM(nn.Module):
 
     @torch.inference_mode()
     def generate(
-        self, question: Messages, image: ImageInput = None, *, max_new_tokens: int = 32
+        self,
+        question: Messages,
+        image: ImageInput = None,
+        *,
+        max_new_tokens: int = 32,
+        missing_prompt: str = "learned",
     ) -> str:
-        """Greedy answer to `question` about `image` (None: absent, the missing tokens used)."""
+        """Greedy answer to `question` about `image`.
+
+        Args:
+            question: the user's question (or a chat).
+            image: the image; None when it is absent.
+            max_new_tokens: answer length limit.
+            missing_prompt: for an absent image, ``learned`` (the learned missing tokens stand
+                in for it) or ``status_text`` (no image tokens; the MissRAG status line
+                "Input modality status: image: missing; text: present." goes before a text
+                question).
+
+        Raises:
+            ConfigError: an unknown `missing_prompt`.
+        """
         from transformers import GenerationConfig
 
         from mllm_missing.backbones.hf import stop_token_ids
 
+        if missing_prompt not in ("learned", "status_text"):
+            raise ConfigError(
+                f"missing_prompt must be one of learned, status_text; got {missing_prompt!r}"
+            )
+        told = image is None and missing_prompt == "status_text"
+        if told and isinstance(question, str):
+            question = f"Input modality status: image: missing; text: present.\n{question}"
         lm = self.vlm.lm
-        tokens = self._tokens(1, [image], None, True)
+        tokens = self._tokens(1, [image], None, not told)
         embeds, mask, _ = self.vlm.build_inputs([self.chat(question)], tokens)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,

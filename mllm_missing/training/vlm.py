@@ -35,9 +35,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Evaluation conditions: trained model with the image / without it (missing tokens), and the
-#: references: untrained projector with the image, plain text-only SmolLM2 (no image tokens).
-CONDITIONS = ("present", "absent", "untrained_present", "text_only")
+#: Evaluation conditions: trained model with the image / without it (missing tokens) / without
+#: it and told so in text instead (`STATUS_LINE`, the MissRAG prompt, no missing tokens), and
+#: the references: untrained projector with the image, plain text-only SmolLM2 (no image tokens).
+CONDITIONS = ("present", "absent", "absent_status", "untrained_present", "text_only")
+#: The status line the ``absent_status`` condition puts before each question.
+STATUS_LINE = "Input modality status: image: missing; text: present."
 RECIPE_CONFIG_FILE = "recipe_config.json"
 
 
@@ -318,6 +321,9 @@ def run_vlm_training(config: VLMTrainConfig, *, resume: bool = False) -> dict[st
     model = MissingAwareVLM.from_pretrained(output / "best", vlm)
     score("present", test, True)
     score("absent", absent, True)
+    told = _Questions([f"{STATUS_LINE}\n{q}" for q in test.questions], test.answers,
+                      test.labels, test.features, absent.present)  # fmt: skip
+    score("absent_status", told, False)
     results.update(
         complete=True,
         task="easy_vqa",

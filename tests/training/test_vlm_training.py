@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -117,6 +118,28 @@ def test_absent_image_uses_the_missing_tokens() -> None:
     assert not torch.allclose(moved, absent) and torch.equal(same, present)
 
 
+def test_status_text_replaces_the_missing_tokens_for_an_absent_image() -> None:
+    from mllm_missing.errors import ConfigError
+    from mllm_missing.training.vlm import STATUS_LINE
+
+    model = make_model().eval()
+    seen: list[tuple[str, list[Any]]] = []
+    build = model.vlm.build_inputs
+
+    def spy(prompts: Any, tokens: Any) -> Any:
+        seen.append((str(prompts[0]), list(tokens)))
+        return build(prompts, tokens)
+
+    model.vlm.build_inputs = spy  # type: ignore[method-assign]
+    model.generate("what shape is it", None, max_new_tokens=2)
+    model.generate("what shape is it", None, max_new_tokens=2, missing_prompt="status_text")
+    (learned_prompt, learned_tokens), (told_prompt, told_tokens) = seen
+    assert learned_tokens[0] is not None and STATUS_LINE not in learned_prompt
+    assert told_tokens == [None] and repr(f"{STATUS_LINE}\nwhat shape is it") in told_prompt
+    with pytest.raises(ConfigError, match="missing_prompt must be one of"):
+        model.generate("what shape is it", None, missing_prompt="tokens")
+
+
 def test_one_step_trains_only_projector_and_missing_tokens(tmp_path: Path) -> None:
     model = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -168,6 +191,7 @@ def test_recipe_config_parses() -> None:
     assert config.threads == 1 and set(config.conditions) == {
         "present",
         "absent",
+        "absent_status",
         "untrained_present",
         "text_only",
     }
