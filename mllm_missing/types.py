@@ -270,3 +270,20 @@ class Batch:
         if all(s.label is not None for s in samples):
             labels = torch.as_tensor(np.asarray([np.asarray(s.label) for s in samples]))
         return cls(presence=presence, payloads=payloads, labels=labels, ids=[s.id for s in samples])
+
+
+def status_text(
+    presence: Presence, modalities: Iterable[str | Modality] = ("image", "text")
+) -> str:
+    """The MissRAG-style status line for `presence`, modalities in `MODALITY_ORDER`.
+
+    >>> status_text(Presence.of("text"))
+    'Input modality status: image: missing; text: present.'
+    """
+    wanted = {Modality.parse(m) for m in modalities}
+    parts = [
+        f"{m.value}: {'present' if m in presence else 'missing'}"
+        for m in MODALITY_ORDER
+        if m in wanted
+    ]
+    return "Input modality status: " + "; ".join(parts) + "."

@@ -27,6 +27,7 @@ from mllm_missing.atomic import atomic_directory
 from mllm_missing.backbones.hf import Messages, pad_token_id
 from mllm_missing.backbones.projector_vlm import IGNORE_INDEX, ImageInput, ProjectorVLM
 from mllm_missing.errors import ConfigError, DataFormatError
+from mllm_missing.types import Presence, status_text
 
 __all__ = [
     "MISSING_CONFIG_FILE",
@@ -243,31 +244,17 @@ class MissingAwareVLM(nn.Module):
         Raises:
             ConfigError: an unknown `missing_prompt`.
         """
-        from transformers import GenerationConfig
-
-        from mllm_missing.backbones.hf import stop_token_ids
-
         if missing_prompt not in ("learned", "status_text"):
             raise ConfigError(
                 f"missing_prompt must be one of learned, status_text; got {missing_prompt!r}"
             )
         told = image is None and missing_prompt == "status_text"
         if told and isinstance(question, str):
-            question = f"Input modality status: image: missing; text: present.\n{question}"
-        lm = self.vlm.lm
+            question = f"{status_text(Presence.of('text'))}\n{question}"
         tokens = self._tokens(1, [image], None, not told)
-        embeds, mask, _ = self.vlm.build_inputs([self.chat(question)], tokens)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_token_ids(lm.model, lm.tokenizer),
-            pad_token_id=pad_token_id(lm.tokenizer),
+        return self.vlm.generate_with_tokens(
+            self.chat(question), tokens[0], max_new_tokens=max_new_tokens
         )
-        output = lm.model.generate(
-            inputs_embeds=embeds, attention_mask=mask, generation_config=config
-        )
-        answer: str = lm.tokenizer.decode(output[0], skip_special_tokens=True)
-        return answer
 
     # --- artifacts ------------------------------------------------------------------------------
 

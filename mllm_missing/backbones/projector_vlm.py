@@ -31,7 +31,7 @@ from torch import nn
 
 from mllm_missing.atomic import atomic_directory
 from mllm_missing.backbones.base import freeze
-from mllm_missing.backbones.hf import FrozenCausalLM, Messages
+from mllm_missing.backbones.hf import FrozenCausalLM, Messages, pad_token_id, stop_token_ids
 from mllm_missing.errors import ConfigError, DataFormatError
 
 if TYPE_CHECKING:
@@ -356,7 +356,7 @@ class ProjectorVLM(nn.Module):
             rows.append(torch.cat(pieces))
             row_labels.append(labels)
         length = max(row.shape[0] for row in rows)
-        pad = embed(torch.tensor([_pad_id(self.lm)], device=device))[0]
+        pad = embed(torch.tensor([pad_token_id(self.lm.tokenizer)], device=device))[0]
         inputs_embeds = pad.expand(len(rows), length, -1).clone()
         attention_mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
         labels_out = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=device)
@@ -416,17 +416,26 @@ class ProjectorVLM(nn.Module):
         Returns:
             The answer, without special tokens.
         """
+        features = self.encode_images(1, [image])
+        return self.generate_with_tokens(
+            question, self.image_tokens(features)[0], max_new_tokens=max_new_tokens
+        )
+
+    @torch.inference_mode()
+    def generate_with_tokens(
+        self, question: Messages, image_tokens: torch.Tensor | None, *, max_new_tokens: int = 32
+    ) -> str:
+        """Greedy-decode the answer with `image_tokens` ((num_image_tokens, hidden) vectors)
+        at the image position, or none (None): what `generate` and missing-aware wrappers use.
+        """
         from transformers import GenerationConfig
 
-        features = self.encode_images(1, [image])
-        inputs_embeds, attention_mask, _ = self.build_inputs(
-            [question], self.image_tokens(features)
-        )
+        inputs_embeds, attention_mask, _ = self.build_inputs([question], [image_tokens])
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=_stop_ids(self.lm),
-            pad_token_id=_pad_id(self.lm),
+            eos_token_id=stop_token_ids(self.lm.model, self.lm.tokenizer),
+            pad_token_id=pad_token_id(self.lm.tokenizer),
         )
         # Given only inputs_embeds, generate returns just the new tokens.
         output = self.lm.model.generate(
@@ -516,20 +525,6 @@ def _read_image(item: Any, index: int) -> Any:
         f"sample {index}: cannot read an image from a {type(item).__name__}; pass a PIL image, "
         "an image file path, a feature tensor, or None when the image is missing"
     )
-
-
-def _stop_ids(lm: FrozenCausalLM) -> list[int]:
-    stop = lm.model.generation_config.eos_token_id
-    ids = list(stop) if isinstance(stop, (list, tuple)) else [] if stop is None else [stop]
-    eos = lm.tokenizer.eos_token_id
-    return [int(i) for i in ids] + ([int(eos)] if eos is not None and eos not in ids else [])
-
-
-def _pad_id(lm: FrozenCausalLM) -> int:
-    for candidate in (lm.tokenizer.pad_token_id, lm.tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def build_offline_vlm(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from mllm_missing.errors import ConfigError, DataFormatError
 from mllm_missing.inference.engine import ModuleChoice
 from mllm_missing.scheduler.config import Option, SchedulerConfig
-from mllm_missing.types import MODALITY_ORDER, Modality, Presence
+from mllm_missing.types import Presence, status_text
 
 __all__ = [
     "Decision",
@@ -25,23 +25,6 @@ __all__ = [
     "load_validation_scores",
     "status_text",
 ]
-
-
-def status_text(
-    presence: Presence, modalities: Iterable[str | Modality] = ("image", "text")
-) -> str:
-    """The MissRAG-style status line for `presence`, modalities in `MODALITY_ORDER`.
-
-    >>> status_text(Presence.of("text"))
-    'Input modality status: image: missing; text: present.'
-    """
-    wanted = {Modality.parse(m) for m in modalities}
-    parts = [
-        f"{m.value}: {'present' if m in presence else 'missing'}"
-        for m in MODALITY_ORDER
-        if m in wanted
-    ]
-    return "Input modality status: " + "; ".join(parts) + "."
 
 
 @dataclass(frozen=True)

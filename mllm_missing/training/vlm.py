@@ -22,6 +22,7 @@ import torch
 
 from mllm_missing.atomic import atomic_write_text
 from mllm_missing.errors import ConfigError
+from mllm_missing.types import Presence, status_text
 
 __all__ = [
     "CONDITIONS",
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 #: the references: untrained projector with the image, plain text-only SmolLM2 (no image tokens).
 CONDITIONS = ("present", "absent", "absent_status", "untrained_present", "text_only")
 #: The status line the ``absent_status`` condition puts before each question.
-STATUS_LINE = "Input modality status: image: missing; text: present."
+STATUS_LINE = status_text(Presence.of("text"))
 RECIPE_CONFIG_FILE = "recipe_config.json"
 
 
