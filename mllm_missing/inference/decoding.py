@@ -7,9 +7,12 @@ lives in a fixed buffer, and one decode step (model forward, argmax, buffer upda
 as a CUDA graph and replayed with no host synchronisation until the last token. The prefill is an
 ordinary forward pass, so learned prompts can enter through ``inputs_embeds``.
 
-The step runs the same model forward as ``generate`` with a static cache, so greedy outputs are
-those of ``generate``; against ``generate``'s default dynamic cache they agree exactly in float32
-(tested) and up to rounding in bf16 (attention over a padded cache sums in another order).
+The prefill is the model's own (its mask built from the 2-D one, as in ``generate``) and each
+step runs the same forward as ``generate`` with a static cache, so with the cache sized as
+``generate`` sizes it (prompt + new tokens - 1) greedy outputs are those of static-cache
+``generate`` bit for bit, bf16 included. Against the default dynamic cache they agree exactly in
+float32 (tested); in bf16 the padded attention sums in another order, which can move a near tie
+(on the H200, a 7B-shape model gave identical rows, docs/benchmarks.md).
 """
 
 from __future__ import annotations
