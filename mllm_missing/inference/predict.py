@@ -137,9 +137,8 @@ def load_checkpoint(
     Raises:
         DataFormatError: no saved model in the folder.
     """
-    from mllm_missing.backbones.presets import get_backbone, get_preset
     from mllm_missing.model import MODEL_CONFIG, MissingModalityModel
-    from mllm_missing.training.supervised import resolve_device
+    from mllm_missing.training.supervised import load_backbone, resolve_device
 
     folder = Path(directory)
     if not (folder / MODEL_CONFIG).is_file() and (folder / "best" / MODEL_CONFIG).is_file():
@@ -150,15 +149,15 @@ def load_checkpoint(
     target = resolve_device(device)
     if backbone is None:
         training = spec.get("training", {})
-        options: dict[str, Any] = {"device": target}
-        if get_preset(spec["backbone"]).family == "offline_default":
-            options["image_size"] = int(training.get("image_size", 128))
         # a QLoRA checkpoint reloads on the quantized backbone it was trained on
         mode = training.get("quantization", "none") if quantization is None else quantization
-        if mode != "none":
-            options["quantization"] = mode
-        weights = training.get("backbone_weights")
-        backbone = get_backbone(spec["backbone"], weights=weights, **options)
+        backbone = load_backbone(
+            spec["backbone"],
+            weights=training.get("backbone_weights"),
+            image_size=int(training.get("image_size", 128)),
+            device=target,
+            quantization=str(mode),
+        )
     return MissingModalityModel.from_pretrained(folder, backbone=backbone).to(target)
 
 
