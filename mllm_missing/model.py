@@ -76,10 +76,16 @@ class MissingModalityModel(nn.Module):
         return [m for m in self.modalities if self.strategy.adapts(m)]
 
     def encode(
-        self, modality: Modality, inputs: dict[str, torch.Tensor], presence: torch.Tensor
+        self,
+        modality: Modality,
+        inputs: dict[str, torch.Tensor],
+        presence: torch.Tensor,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Pooled (batch, dim) embeddings of one tower for rows with this presence."""
-        return self.strategy.encode(self.backbone, modality, inputs, presence).pooled.float()
+        """Pooled (batch, dim) embeddings of one tower for rows with this presence (and, for a
+        strategy that retrieves, the rows' retrieval context)."""
+        output = self.strategy.encode(self.backbone, modality, inputs, presence, context)
+        return output.pooled.float()
 
     def forward(
         self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor

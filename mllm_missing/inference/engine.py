@@ -276,6 +276,8 @@ class InferenceEngine:
             for m in model.modalities:
                 if not model.strategy.adapts(m):
                     split.features[m] = self._frozen_features(model, m, samples, presence)
+                elif model.strategy.retrieves:  # its retrieval queries are frozen embeddings
+                    split.frozen[m] = self._frozen_features(model, m, samples, presence)
             embeddings = embed_rows(model, split, torch.arange(n))
             embeddings = {m: x.float() for m, x in embeddings.items()}
             logits = model(embeddings, presence.to(self.device))
@@ -288,8 +290,9 @@ class InferenceEngine:
         samples: Sequence[Sample],
         presence: torch.Tensor,
     ) -> torch.Tensor:
-        """Embeddings of a tower the strategy does not adapt: each distinct input once, zeros
-        on absent rows (the imputation fills them), as `load_split` caches them."""
+        """Frozen embeddings of a tower (one the strategy does not adapt, or any tower for a
+        strategy that retrieves): each distinct input once, zeros on absent rows (the imputation
+        fills them), as `load_split` caches them."""
         column = presence[:, MODALITY_ORDER.index(modality)]
         dim = model.backbone.embed_dim(modality)
         out = torch.zeros(len(samples), dim)

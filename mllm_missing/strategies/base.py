@@ -48,6 +48,7 @@ _LAZY_CONFIGS = {
         "mllm_missing.strategies.correlated_prompts.config:CorrelatedPromptsConfig"
     ),
     "lora": "mllm_missing.strategies.lora.config:LoraStrategyConfig",
+    "rag_prompts": "mllm_missing.strategies.rag_prompts.config:RagPromptsConfig",
 }
 
 C = TypeVar("C", bound="StrategyConfig")
@@ -184,6 +185,10 @@ class Strategy(nn.Module):
             )
         self.towers = tuple(m for m in wanted if self.supports(backbone, m))
 
+    #: Whether `encode` needs a retrieval context (`retrieval_context`) next to the presence:
+    #: such a strategy is fitted on the training split's frozen embeddings (`fit_retrieval`).
+    retrieves: ClassVar[bool] = False
+
     def supports(self, backbone: Backbone, modality: Modality) -> bool:
         """Whether this strategy can act on `modality`'s tower (prompts need blocks)."""
         return backbone.num_layers(modality) > 0
@@ -205,14 +210,52 @@ class Strategy(nn.Module):
         """The prompts of every adapted tower for a batch with this presence."""
         return {m: self.prompts(m, presence) for m in self.towers}
 
+    def fit_retrieval(
+        self,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        ids: Sequence[str],
+    ) -> None:
+        """Index the training split's frozen embeddings (a no-op unless `retrieves`).
+
+        Args:
+            embeddings: modality -> (n, dim) frozen (unadapted) embeddings, absent rows zero.
+            presence: bool (n, 3) in `MODALITY_ORDER`.
+            ids: the n sample ids.
+        """
+        del embeddings, presence, ids
+
+    def retrieval_context(
+        self,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        exclude_ids: Sequence[str | None] | None = None,
+    ) -> torch.Tensor | None:
+        """The per-row context `encode` needs (None unless `retrieves`).
+
+        Args:
+            embeddings: modality -> (batch, dim) frozen embeddings of the rows, absent rows zero.
+            presence: bool (batch, 3) in `MODALITY_ORDER`.
+            exclude_ids: per row, an id it must not retrieve (leave-one-out on the split the
+                index was fitted on).
+        """
+        del embeddings, presence, exclude_ids
+        return None
+
     def encode(
         self,
         backbone: Backbone,
         modality: Modality,
         inputs: dict[str, torch.Tensor],
         presence: torch.Tensor,
+        context: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """Run `modality`'s tower for a batch with this presence, with the strategy applied."""
+        """Run `modality`'s tower for a batch with this presence, with the strategy applied.
+
+        `context` is `retrieval_context`'s output for the same rows (only strategies that
+        `retrieve` read it).
+        """
+        del context
         prompts = self.prompts(modality, presence) if self.adapts(modality) else None
         return backbone.encode(modality, inputs, prompts)
 

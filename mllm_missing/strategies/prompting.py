@@ -138,7 +138,12 @@ class PromptStrategy(Strategy):
         modality = Modality.parse(modality)
         if modality not in self.towers:
             return None
-        tokens = self.tokens(modality, presence)
+        return self.layer_prompts(modality, self.tokens(modality, presence), presence)
+
+    def layer_prompts(
+        self, modality: Modality, tokens: torch.Tensor, presence: torch.Tensor
+    ) -> LayerPrompts:
+        """`LayerPrompts` from each sample's (batch, blocks, *token_shape) tokens."""
         mask = self.active_mask(modality, presence)
         if mask is None:
             mask = torch.ones(tokens.shape[0], tokens.shape[-2], dtype=torch.bool)

@@ -4,7 +4,9 @@
 backbone and asserts: it trains one step with gradients only on its own parameters (the backbone
 stays bit-identical) and that step changes every adapted tower's outputs, its outputs depend on each sample's missing case when it says they do,
 saving and reloading onto a fresh backbone gives identical outputs, and the same config with
-``init="zero"`` leaves the frozen backbone's outputs unchanged.
+``init="zero"`` leaves the frozen backbone's outputs unchanged. A strategy that retrieves is
+fitted on the raw inputs' frozen embeddings (fewer entries than its k) and given each row's
+retrieval context; the reloaded one must bring its own index back from its files.
 """
 
 from __future__ import annotations
@@ -72,8 +74,27 @@ def _outputs(
     backbone: Backbone,
     inputs: Mapping[Modality, dict[str, torch.Tensor]],
     presence: torch.Tensor,
+    frozen: Mapping[Modality, torch.Tensor],
 ) -> dict[Modality, torch.Tensor]:
-    return {m: strategy.encode(backbone, m, x, presence).pooled for m, x in inputs.items()}
+    """Each tower's pooled output; a retrieving strategy gets the rows' retrieval context from
+    their frozen embeddings."""
+    context = None
+    if strategy.retrieves:
+        zeroed = {
+            m: x * presence[:, MODALITY_ORDER.index(m)].unsqueeze(1) for m, x in frozen.items()
+        }
+        context = strategy.retrieval_context(zeroed, presence)
+    return {m: strategy.encode(backbone, m, x, presence, context).pooled for m, x in inputs.items()}
+
+
+def _fit(strategy: Strategy, frozen: Mapping[Modality, torch.Tensor]) -> Strategy:
+    """Fit a retrieving strategy's index on the complete rows' frozen embeddings."""
+    if strategy.retrieves:
+        rows = len(next(iter(frozen.values())))
+        presence = torch.zeros(rows, len(MODALITY_ORDER), dtype=torch.bool)
+        presence[:, [MODALITY_ORDER.index(m) for m in frozen]] = True
+        strategy.fit_retrieval(frozen, presence, [f"bank-{i}" for i in range(rows)])
+    return strategy
 
 
 def check_strategy(
@@ -98,6 +119,7 @@ def check_strategy(
     rows = len(next(iter(raw.values())))
     presence = case_presence(rows, modalities)
     plain = {m: backbone.encode(m, x).pooled.detach() for m, x in inputs.items()}
+    _fit(strategy, plain)
 
     own = strategy.trainable_parameters()
     assert own, f"{name}: no trainable parameters"
@@ -108,7 +130,7 @@ def check_strategy(
     assert not any(p.requires_grad for p in frozen.values()), f"{name}: unfroze the backbone"
     before = {n: p.detach().clone() for n, p in frozen.items()}
 
-    outputs = _outputs(strategy, backbone, inputs, presence)
+    outputs = _outputs(strategy, backbone, inputs, presence, plain)
     adapted = [m for m in inputs if strategy.adapts(m)]
     assert adapted, f"{name}: adapts none of the towers {[m.value for m in inputs]}"
     loss = sum(o.float().pow(2).mean() for o in outputs.values())
@@ -129,14 +151,14 @@ def check_strategy(
     assert_frozen_except(backbone, own_ids, name)
 
     with torch.no_grad():
-        trained = _outputs(strategy, backbone, inputs, presence)
+        trained = _outputs(strategy, backbone, inputs, presence, plain)
         for m in adapted:
             assert not torch.allclose(trained[m], plain[m], atol=1e-4), (
                 f"{name}: after a training step the {m.value} tower is still unchanged"
             )
         if getattr(strategy, "uses_presence", True):
             flipped = presence.roll(1, dims=0)
-            other = _outputs(strategy, backbone, inputs, flipped)
+            other = _outputs(strategy, backbone, inputs, flipped, plain)
             assert any(not torch.allclose(trained[m], other[m], atol=1e-5) for m in adapted), (
                 f"{name}: outputs do not depend on the missing case"
             )
@@ -145,7 +167,7 @@ def check_strategy(
             fresh_backbone = make_backbone()
             reloaded = build_strategy(config, fresh_backbone, modalities)
             reloaded.load_files(Path(folder))
-            again = _outputs(reloaded, fresh_backbone, inputs, presence)
+            again = _outputs(reloaded, fresh_backbone, inputs, presence, plain)
         for m in inputs:
             assert torch.allclose(trained[m], again[m], atol=1e-6, rtol=1e-6), (
                 f"{name}: reloaded outputs differ on the {m.value} tower"
@@ -153,8 +175,8 @@ def check_strategy(
 
         zero_config = dataclasses.replace(config, init="zero")
         zero_backbone = make_backbone()
-        zero = build_strategy(zero_config, zero_backbone, modalities)
-        for m, out in _outputs(zero, zero_backbone, inputs, presence).items():
+        zero = _fit(build_strategy(zero_config, zero_backbone, modalities), plain)
+        for m, out in _outputs(zero, zero_backbone, inputs, presence, plain).items():
             assert torch.allclose(out, plain[m], atol=1e-5, rtol=1e-5), (
                 f"{name}: init=zero changed the {m.value} tower's outputs"
             )

@@ -22,7 +22,7 @@ from mllm_missing.missing import MissingConfig, get_mask_table
 from mllm_missing.model import MissingModalityModel
 from mllm_missing.types import MODALITY_ORDER, Modality, presence_codes
 
-__all__ = ["SplitData", "embed_rows", "load_split", "placeholder"]
+__all__ = ["SplitData", "embed_rows", "load_split", "placeholder", "retrieval_context"]
 
 
 @dataclass
@@ -37,6 +37,8 @@ class SplitData:
         presence: bool (n, 3) from the seeded mask table.
         keys: modality -> per-row key of the input (equal keys, equal inputs).
         features: modality -> (n, dim) frozen embeddings, absent rows zero (unadapted towers).
+        frozen: modality -> (n, dim) frozen embeddings of the adapted towers, absent rows zero,
+            kept only for a strategy that retrieves (its queries are frozen embeddings).
     """
 
     name: str
@@ -46,10 +48,17 @@ class SplitData:
     presence: torch.Tensor
     keys: dict[Modality, list[str]]
     features: dict[Modality, torch.Tensor] = field(default_factory=dict)
+    frozen: dict[Modality, torch.Tensor] = field(default_factory=dict)
     _first_row: dict[Modality, dict[str, int]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def frozen_embeddings(self, rows: torch.Tensor) -> dict[Modality, torch.Tensor]:
+        """Frozen embeddings for `rows` (absent rows zero) of every tower that has them: the
+        retrieval queries (every tower when the strategy retrieves)."""
+        frozen = {**self.frozen, **self.features}
+        return {m: frozen[m][rows] for m in self.keys if m in frozen}
 
     def raw(self, modality: Modality, key: str) -> Any:
         """The raw input (PIL image, string, waveform) behind `key`."""
@@ -91,7 +100,8 @@ def load_split(
     cache_dir: str | None,
     cache_tag: str,
 ) -> SplitData:
-    """Build a `SplitData`: mask table, labels, and features of the towers the model does not adapt.
+    """Build a `SplitData`: mask table, labels, and features of the towers the model does not adapt
+    (of every tower when its strategy retrieves: adapted towers' go to `SplitData.frozen`).
 
     Args:
         dataset: the split's dataset (columns id, one per modality, label).
@@ -113,7 +123,8 @@ def load_split(
     feature_dir = cache_root(cache_dir) / "features"
     backbone = model.backbone
     for m in task.modalities:
-        if model.strategy.adapts(m):
+        adapted = model.strategy.adapts(m)
+        if adapted and not model.strategy.retrieves:
             continue
         present = presence[:, MODALITY_ORDER.index(m)].unsqueeze(1)
 
@@ -132,8 +143,21 @@ def load_split(
             desc=f"{name} {m.value}",
         )
         features = column.lookup(keys[m]) * present
-        split.features[m] = features
+        (split.frozen if adapted else split.features)[m] = features
     return split
+
+
+def retrieval_context(
+    model: MissingModalityModel, split: SplitData, rows: torch.Tensor
+) -> torch.Tensor | None:
+    """The strategy's retrieval context of `rows` (None unless it retrieves). On the training
+    split, which the strategy's index was fitted on, a row never retrieves itself."""
+    if not model.strategy.retrieves:
+        return None
+    exclude = [split.ids[r] for r in rows.tolist()] if split.name == "train" else None
+    return model.strategy.retrieval_context(
+        split.frozen_embeddings(rows), split.presence[rows], exclude
+    )
 
 
 def embed_rows(
@@ -144,26 +168,32 @@ def embed_rows(
     presence = split.presence[rows]
     device = next(iter(model.parameters())).device
     out: dict[Modality, torch.Tensor] = {}
+    context = retrieval_context(model, split, rows)
+    # Rows with equal retrieval context share an id, so equal (input, case, context) encode once.
+    contexts = [0] * len(rows)
+    if context is not None:
+        contexts = torch.unique(context, dim=0, return_inverse=True)[1].tolist()
     for m in model.modalities:
         if m in split.features:
             out[m] = split.features[m][rows].to(device)
             continue
         column = MODALITY_ORDER.index(m)
         pattern = presence_codes(presence).tolist()
-        pairs: dict[tuple[str | None, int], int] = {}
+        pairs: dict[tuple[str | None, int, int], int] = {}
         inverse: list[int] = []
         first: list[int] = []
         for i, row in enumerate(rows.tolist()):
             key = split.keys[m][row] if bool(presence[i, column]) else None
-            index = pairs.setdefault((key, pattern[i]), len(pairs))
+            index = pairs.setdefault((key, pattern[i], contexts[i]), len(pairs))
             if index == len(first):
                 first.append(i)
             inverse.append(index)
         raw: Sequence[Any] = [
-            placeholder(m) if key is None else split.raw(m, key) for key, _ in pairs
+            placeholder(m) if key is None else split.raw(m, key) for key, _, _ in pairs
         ]
         inputs = model.backbone.prepare(m, list(raw))
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        unique = model.encode(m, inputs, presence[first].to(device))
+        unique_context = None if context is None else context[first].to(device)
+        unique = model.encode(m, inputs, presence[first].to(device), unique_context)
         out[m] = unique[torch.tensor(inverse, device=device)]
     return out

@@ -323,7 +323,12 @@ def run_training(
         )
         for name in ("train", "val")
     }  # fmt: skip
-    model.classifier.imputation.fit(splits["train"].features, splits["train"].presence)
+    train = splits["train"]
+    model.classifier.imputation.fit(train.features, train.presence)
+    if model.strategy.retrieves:
+        model.strategy.fit_retrieval(
+            train.frozen_embeddings(torch.arange(len(train))), train.presence, train.ids
+        )
     supervised = SupervisedTask(model, task, splits["train"], splits["val"])
     # The loop's settings are TrainConfig fields of the same names.
     names = [f.name for f in fields(LoopConfig) if f.name != "output_dir"]

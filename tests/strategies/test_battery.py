@@ -58,6 +58,28 @@ def test_battery_tiny_llama(values: dict[str, Any]) -> None:
     check_strategy(config(values), tiny_llama, {TEXT: TEXTS}, (IMAGE, TEXT))
 
 
+#: Strategies that need a tower for every dataset modality (tiny CLIP only).
+RETRIEVING_CONFIGS: list[dict[str, Any]] = [
+    {"method": "rag_prompts", "prompt_type": "input", "prompt_length": 2, "hidden_size": 8},
+    {"method": "rag_prompts", "prompt_type": "attention", "prompt_length": 2, "hidden_size": 8},
+    {
+        "method": "rag_prompts",
+        "prompt_length": 2,
+        "hidden_size": 8,
+        "k": 1,
+        "bank_dtype": "float32",
+    },
+    {"method": "rag_prompts", "prompt_length": 2, "hidden_size": 8, "retrieval": False},
+]
+
+
+@pytest.mark.parametrize("values", RETRIEVING_CONFIGS, ids=_id)
+def test_battery_tiny_clip_retrieving(values: dict[str, Any]) -> None:
+    pytest.importorskip("open_clip")
+    raw = {IMAGE: images(4), TEXT: TEXTS}
+    check_strategy(config(values), tiny_clip, raw, (IMAGE, TEXT))
+
+
 def test_battery_fails_a_strategy_that_ignores_its_prompts() -> None:
     """The battery is not vacuous: a strategy whose prompts never reach the tower fails it."""
     from mllm_missing.strategies.map_prompts import MapPrompts

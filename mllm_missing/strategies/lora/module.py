@@ -241,8 +241,10 @@ class LoraStrategy(Strategy):
         modality: Modality,
         inputs: dict[str, torch.Tensor],
         presence: torch.Tensor,
+        context: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """Run `modality`'s tower with LoRA; routed: each case's rows through its own adapter."""
+        del context
         modality = Modality.parse(modality)
         if not self.adapts(modality):
             return backbone.encode(modality, inputs)
