@@ -38,18 +38,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModuleChoice:
-    """Which imputation and which fusion module run for a presence pattern.
+    """Which imputation and fusion module run for a presence pattern, and for an LLM backbone
+    how it is told what is missing.
 
     Attributes:
-        imputation: an imputation method name (``zero``, ``mean``, ``knn``, ...).
-        fusion: a fusion method name (``concat``, ``masked_attention``, ...).
+        imputation: an imputation method name (``zero``, ``mean``, ``knn``, ...); None for a
+            model with no imputation module (a VLM choosing only its prompt).
+        fusion: a fusion method name (``concat``, ``masked_attention``, ...); None likewise.
+        prompt: ``learned`` (the learned missing-aware prompts) or ``status_text`` (the status
+            line in the input) for LLM backbones; None where there is no prompt choice. The
+            classifier engine has none and refuses a choice that sets it.
     """
 
-    imputation: str
-    fusion: str
+    imputation: str | None
+    fusion: str | None
+    prompt: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.imputation}+{self.fusion}"
+        """``zero+concat``, ``zero+concat+status_text``, or just ``status_text`` (a VLM)."""
+        parts = (self.imputation, self.fusion, self.prompt)
+        return "+".join(p for p in parts if p is not None)
 
 
 @runtime_checkable
@@ -203,11 +211,18 @@ class InferenceEngine:
         """The modules for `presence`: the selector's answer, asked once per pattern.
 
         Raises:
-            ConfigError: the selector chose modules no loaded model has.
+            ConfigError: the selector chose modules no loaded model has, or a prompt (a
+                classifier has no prompt choice: refused rather than silently dropped).
         """
         if presence not in self._choices:
             self.selector_calls += 1
             choice = self.selector(presence)
+            if choice.prompt is not None:
+                raise ConfigError(
+                    f"the selector chose {choice} for {presence.pattern}, but a classifier has no "
+                    f"prompt choice ({choice.prompt!r}); schedule imputation+fusion options only "
+                    "(SchedulerConfig without prompts) or chat with a VLM"
+                )
             if choice not in self.models:
                 known = ", ".join(str(c) for c in self.models)
                 raise ConfigError(

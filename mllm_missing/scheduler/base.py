@@ -32,8 +32,8 @@ class Decision:
     """A scheduler's answer for one presence pattern.
 
     Attributes:
-        imputation: the imputation to run.
-        fusion: the fusion to run.
+        imputation: the imputation to run (None: the model has none, it chooses a prompt only).
+        fusion: the fusion to run (None likewise).
         prompt: for LLM backbones, ``learned`` (the learned prompts) or ``status_text`` (the
             `status_text` line in the input); None where the backbone has no prompt choice.
         rationale: one sentence saying why.
@@ -41,8 +41,8 @@ class Decision:
         scores: option name -> the score it was ranked by (log-likelihood or validation score).
     """
 
-    imputation: str
-    fusion: str
+    imputation: str | None
+    fusion: str | None
     prompt: str | None
     rationale: str
     source: str
@@ -55,8 +55,9 @@ class Decision:
 
     @property
     def choice(self) -> ModuleChoice:
-        """The imputation + fusion, as the inference engine takes them."""
-        return ModuleChoice(self.imputation, self.fusion)
+        """The imputation + fusion and the prompt, as the inference engine and the chat take
+        them (the classifier engine refuses a prompt)."""
+        return ModuleChoice(self.imputation, self.fusion, self.prompt)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -94,12 +95,19 @@ class ValidationScores:
     scores: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     split: str = "val"
 
+    @property
+    def split_name(self) -> str:
+        """How rationales name the split: ``validation``, or the split itself (e.g. ``test``
+        when a caller falls back to test scores and says so)."""
+        return "validation" if self.split in ("val", "validation") else self.split
+
     def get(self, option: Option, presence: Presence) -> float | None:
         """The score of `option` on `presence`'s pattern, or None."""
         by_pattern = self.scores.get(option.name)
         if by_pattern is None and option.prompt is None:
             return None
-        if by_pattern is None:  # a score of the pair alone stands for each prompt choice
+        if by_pattern is None and option.imputation is not None:
+            # A score of the pair alone stands for each prompt choice.
             by_pattern = self.scores.get(f"{option.imputation}+{option.fusion}")
         value = None if by_pattern is None else by_pattern.get(presence.pattern)
         return None if value is None else float(value)
@@ -154,15 +162,18 @@ class ModuleCatalog:
 
     def describe(self, option: Option) -> str:
         """One line naming the option's modules and what they do."""
-        text = (
-            f"imputation {option.imputation} ({self.description('imputation', option.imputation)}); "
-            f"fusion {option.fusion} ({self.description('fusion', option.fusion)})"
-        )
+        parts = []
+        if option.imputation is not None and option.fusion is not None:
+            parts += [
+                f"imputation {option.imputation} "
+                f"({self.description('imputation', option.imputation)})",
+                f"fusion {option.fusion} ({self.description('fusion', option.fusion)})",
+            ]
         if option.prompt == "learned":
-            text += "; prompt: the learned missing-aware prompts"
+            parts.append("prompt: the learned missing-aware prompts")
         elif option.prompt == "status_text":
-            text += "; prompt: a text line stating which modalities are missing"
-        return text
+            parts.append("prompt: a text line stating which modalities are missing")
+        return "; ".join(parts)
 
 
 def get_module_catalog(scores: ValidationScores | None = None) -> ModuleCatalog:
@@ -220,7 +231,7 @@ class Scheduler:
             return decision
 
     def __call__(self, presence: Presence) -> ModuleChoice:
-        """The engine's `ModuleSelector` call: the chosen imputation + fusion."""
+        """The engine's `ModuleSelector` call: the chosen imputation + fusion (+ prompt)."""
         return self.decide(presence).choice
 
     def decisions(self) -> dict[tuple[str, str], Decision]:

@@ -20,28 +20,42 @@ PROMPT_CHOICES = ("learned", "status_text")
 class Option:
     """One thing a scheduler can choose: an imputation, a fusion and (LLM backbones) a prompt.
 
+    A model without imputation and fusion modules (the projector VLM) chooses its prompt alone:
+    ``Option(None, None, "status_text")``, named ``status_text``.
+
     Attributes:
-        imputation: an imputation name registered in `IMPUTATIONS`.
-        fusion: a fusion name registered in `FUSIONS`.
+        imputation: an imputation name registered in `IMPUTATIONS` (None: prompt only).
+        fusion: a fusion name registered in `FUSIONS` (None: prompt only).
         prompt: ``learned`` or ``status_text`` for LLM backbones; None where there is no choice.
     """
 
-    imputation: str
-    fusion: str
+    imputation: str | None
+    fusion: str | None
     prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.imputation is None) != (self.fusion is None):
+            raise ConfigError(
+                f"an option names both an imputation and a fusion or neither; got "
+                f"imputation={self.imputation!r}, fusion={self.fusion!r}"
+            )
+        if self.imputation is None and self.prompt is None:
+            raise ConfigError("an option without imputation and fusion must name a prompt")
 
     @property
     def name(self) -> str:
-        """``imputation+fusion`` or ``imputation+fusion+prompt`` (the name the LLM answers)."""
-        parts = [self.imputation, self.fusion] + ([self.prompt] if self.prompt else [])
-        return "+".join(parts)
+        """``imputation+fusion``, ``imputation+fusion+prompt`` or ``prompt`` (the name the LLM
+        answers)."""
+        parts = (self.imputation, self.fusion, self.prompt)
+        return "+".join(p for p in parts if p is not None)
 
     def __str__(self) -> str:
         return self.name
 
     @classmethod
     def parse(cls, text: str, field: str = "option") -> Option:
-        """Read ``imputation+fusion[+prompt]``, checking every part against the registries.
+        """Read ``imputation+fusion[+prompt]`` or a prompt alone (``learned``,
+        ``status_text``), checking every part against the registries.
 
         Raises:
             ConfigError: naming `field`, the bad part and the allowed values.
@@ -50,10 +64,12 @@ class Option:
         from mllm_missing.strategies.imputation import IMPUTATIONS
 
         parts = str(text).split("+")
+        if len(parts) == 1 and parts[0] in PROMPT_CHOICES:
+            return cls(None, None, parts[0])
         if len(parts) not in (2, 3):
             raise ConfigError(
-                f"{field} must look like IMPUTATION+FUSION[+PROMPT] (e.g. zero+concat); "
-                f"got {text!r}"
+                f"{field} must look like IMPUTATION+FUSION[+PROMPT] (e.g. zero+concat) or a "
+                f"prompt alone ({', '.join(PROMPT_CHOICES)}); got {text!r}"
             )
         imputation, fusion = parts[0], parts[1]
         prompt = parts[2] if len(parts) == 3 else None
@@ -84,7 +100,9 @@ class SchedulerConfig:
         prompts: prompt choices for LLM backbones (``learned``, ``status_text``); empty: the
             backbone has no prompt choice.
         options: explicit allowed options ``imputation+fusion[+prompt]`` (e.g. the trained
-            checkpoints); when given, they replace the product of the three lists above.
+            checkpoints), or prompts alone (``learned``, ``status_text``: a VLM with no
+            imputation / fusion modules); when given, they replace the product of the three
+            lists above.
         fixed: the option of the ``fixed`` kind.
         llm: the ``llm`` kind's model: ``smollm2-135m-instruct`` (offline package) or a local
             transformers checkpoint folder / GGUF file.

@@ -77,7 +77,11 @@ def build_prompt(
     lines = []
     for option in options:
         value = scores.get(option, presence)
-        known = f"; validation {metric} for this pattern: {value:.2f}" if value is not None else ""
+        known = (
+            f"; {scores.split_name} {metric} for this pattern: {value:.2f}"
+            if value is not None
+            else ""
+        )
         lines.append(f"- {option.name}: {catalog.describe(option)}{known}")
     user = "\n".join(
         [
@@ -164,7 +168,8 @@ class LLMScheduler(Scheduler):
         )
         validated = self.catalog.scores.get(best, presence)
         evidence = (
-            f"; its validation {self.catalog.scores.metric} is {validated:.4f}"
+            f"; its {self.catalog.scores.split_name} {self.catalog.scores.metric} is "
+            f"{validated:.4f}"
             if validated is not None
             else ""
         )

@@ -38,7 +38,7 @@ class RuleScheduler(Scheduler):
         return Decision(
             best.imputation, best.fusion, best.prompt,
             rationale=(
-                f"{presence.pattern}: {best} has the best validation {scores.metric} "
+                f"{presence.pattern}: {best} has the best {scores.split_name} {scores.metric} "
                 f"({value:.4f}{margin}){unscored}"
             ),
             source=self.kind,

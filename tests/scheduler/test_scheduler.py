@@ -204,7 +204,61 @@ def test_fixed_returns_its_option_and_prompt_choices() -> None:
         "zero+concat+learned", "zero+concat+status_text"
     ]  # fmt: skip
     decision = build_scheduler(config).decide(TEXT_ONLY)
-    assert decision.prompt == "status_text" and decision.choice == ModuleChoice("zero", "concat")
+    assert decision.prompt == "status_text"
+    # The prompt reaches the engine's choice (it was dropped there before).
+    assert decision.choice == ModuleChoice("zero", "concat", "status_text")
+    assert str(decision.choice) == "zero+concat+status_text"
+    assert build_scheduler(config)(TEXT_ONLY).prompt == "status_text"
+
+
+def test_prompt_only_options_for_a_vlm(tiny_lm: Any) -> None:
+    # A VLM has no imputation / fusion modules: its options are the prompts alone.
+    assert Option.parse("status_text") == Option(None, None, "status_text")
+    assert str(ModuleChoice(None, None, "learned")) == "learned"
+    with pytest.raises(ConfigError, match="both an imputation and a fusion or neither"):
+        Option("zero", None, "learned")
+    with pytest.raises(ConfigError, match="must name a prompt"):
+        Option(None, None)
+    prompts = ("learned", "status_text")
+    fixed = build_scheduler(SchedulerConfig(kind="fixed", options=prompts, fixed="status_text"))
+    assert fixed(TEXT_ONLY) == ModuleChoice(None, None, "status_text")
+    by_prompt = ValidationScores(
+        "accuracy", {"learned": {"text": 0.43}, "status_text": {"text": 0.38}}
+    )
+    rule = build_scheduler(SchedulerConfig(kind="rule", options=prompts), scores=by_prompt)
+    decision = rule.decide(TEXT_ONLY)
+    assert decision.choice == ModuleChoice(None, None, "learned")
+    assert "best validation accuracy (0.4300, +0.0500 over the next)" in decision.rationale
+    flipped = ValidationScores(
+        "accuracy", {"learned": {"text": 0.3}, "status_text": {"text": 0.4}}, split="test"
+    )
+    rule = build_scheduler(SchedulerConfig(kind="rule", options=prompts), scores=flipped)
+    assert rule(TEXT_ONLY).prompt == "status_text"
+    assert "best test accuracy" in rule.decide(TEXT_ONLY).rationale  # never called validation
+    llm = build_scheduler(
+        SchedulerConfig(kind="llm", options=prompts), scores=by_prompt, llm=tiny_lm
+    )
+    chosen = llm.decide(TEXT_ONLY)
+    assert chosen.imputation is None and chosen.prompt in prompts
+    assert set(chosen.scores) == set(prompts)
+    messages = build_prompt("vqa", TEXT_ONLY, [Option.parse(p) for p in prompts],
+                            get_module_catalog(by_prompt), ("image", "text"))  # fmt: skip
+    user = messages[-1]["content"]
+    assert "- learned: prompt: the learned missing-aware prompts; validation accuracy" in user
+    assert "imputation" not in user.split("Options:")[1]
+
+
+def test_engine_refuses_a_prompt_choice_for_a_classifier() -> None:
+    pytest.importorskip("open_clip")
+    from mllm_missing.strategies.testing import tiny_clip
+
+    model = tiny_model("zero", "concat", tiny_clip())
+    config = SchedulerConfig(kind="fixed", imputations=("zero",), fusions=("concat",),
+                             prompts=("status_text",), fixed="zero+concat+status_text")  # fmt: skip
+    engine = InferenceEngine(model, selector=build_scheduler(config))
+    sample = Sample(Presence.of("text"), {Modality.TEXT: "what shape"}, id="q")
+    with pytest.raises(ConfigError, match="a classifier has no prompt choice"):
+        engine.predict([sample])
 
 
 @pytest.mark.parametrize(
@@ -215,6 +269,7 @@ def test_fixed_returns_its_option_and_prompt_choices() -> None:
         ({"fusions": ("sum",)}, "fusions must be one of concat, gated"),
         ({"prompts": ("soft",)}, "prompts must be one of learned, status_text"),
         ({"options": ("zero",)}, "options must look like IMPUTATION"),
+        ({"options": ("soft",)}, r"or a prompt alone \(learned, status_text\)"),
         ({"options": ("zero+sum",)}, "options fusion must be one of"),
         ({"kind": "fixed"}, "fixed: the fixed kind needs an option"),
         ({"kind": "fixed", "options": OPTIONS, "fixed": "knn+concat"}, "fixed must be one of"),
