@@ -212,13 +212,51 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_chat(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "chat",
-        help="chat with a trained checkpoint, giving any of text, an image and audio",
-        description="Ask a checkpoint from `mllm-missing train` questions with partial inputs: "
-        "type text, attach /image PATH and /audio PATH (Whisper tiny.en transcribes speech). "
-        "Each answer says which modalities were used and missing and which modules ran. "
-        "--web serves the same chat as a page on localhost.",
+        help="chat with a trained checkpoint or the projector VLM, giving any of text, an image "
+        "and audio",
+        description="Ask a checkpoint from `mllm-missing train` (--checkpoint) or the easy-VQA "
+        "projector VLM (--vlm) questions with partial inputs: type text, attach /image PATH and "
+        "/audio PATH (Whisper tiny.en transcribes speech). Each answer says which modalities "
+        "were used and missing and which modules ran; with --vlm and the image absent, which "
+        "prompt the scheduler chose (the learned missing-image tokens or the status line) and "
+        "why. --web serves the same chat as a page on localhost.",
     )
-    parser.add_argument("--checkpoint", required=True, help="training output_dir or its best/")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="classifier: training output_dir or its best/")
+    model.add_argument(
+        "--vlm",
+        metavar="DIR",
+        help="projector VLM: recipes/easy_vqa_vlm.py's output_dir or its best/",
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=("fixed", "rule", "llm"),
+        default=None,
+        help="--vlm: who picks the prompt for an absent image (default fixed): fixed (--prompt), "
+        "rule (best score per prompt: --scores, else the recipe's results.json) or llm "
+        "(SmolLM2 ranks the prompts, offline)",
+    )
+    parser.add_argument(
+        "--prompt",
+        choices=("learned", "status_text"),
+        default=None,
+        help="--vlm with --scheduler fixed: the prompt (default learned)",
+    )
+    parser.add_argument(
+        "--scores",
+        metavar="FILE",
+        default=None,
+        help='--vlm: scores per prompt, {"scores": {"learned": {"text": S}, "status_text": '
+        '{"text": S}}} (default: the recipe\'s results.json)',
+    )
+    parser.add_argument(
+        "--scheduler-llm",
+        default="smollm2-135m-instruct",
+        help="--vlm --scheduler llm: smollm2-135m-instruct (the VLM's own LM, shared) or a path",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=16, help="--vlm: answer length limit (default 16)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N]")
     parser.add_argument("--web", action="store_true", help="serve a web page instead")
     parser.add_argument("--host", default="127.0.0.1", help="web: address (default loopback)")
@@ -233,30 +271,78 @@ def _run_chat(args: argparse.Namespace) -> int:
     import torch
 
     from mllm_missing.chat import ChatLimits, ChatSession, ClassifierAnswerer, WhisperTranscriber
-    from mllm_missing.inference.predict import load_checkpoint
+    from mllm_missing.errors import ConfigError
 
+    if args.checkpoint is not None:
+        used = [f for f in ("scheduler", "prompt", "scores") if getattr(args, f) is not None]
+        if used:
+            raise ConfigError(
+                f"--{used[0]} applies to --vlm only (a classifier checkpoint runs its own modules)"
+            )
     if args.threads:
         torch.set_num_threads(args.threads)
     limits = ChatLimits(max_file_bytes=int(args.max_file_mb * 1024 * 1024))
-    model = load_checkpoint(args.checkpoint, device=args.device)
-    device = str(next(model.parameters()).device)  # "auto" resolved by load_checkpoint
-    session = ChatSession(
-        ClassifierAnswerer(model), transcriber=WhisperTranscriber(device=device), limits=limits
-    )
+    if args.vlm is not None:
+        session, banner = _vlm_session(args, limits)
+    else:
+        from mllm_missing.inference.predict import load_checkpoint
+
+        model = load_checkpoint(args.checkpoint, device=args.device)
+        device = str(next(model.parameters()).device)  # "auto" resolved by load_checkpoint
+        session = ChatSession(
+            ClassifierAnswerer(model), transcriber=WhisperTranscriber(device=device), limits=limits
+        )
+        labels = ", ".join(model.spec.get("label_names") or [])
+        banner = (
+            f"mllm-missing chat with {args.checkpoint} ({model.spec.get('task')}: {labels}); "
+            "/help for commands"
+        )
     if args.web:
         from mllm_missing.chat.web import serve
 
+        if args.vlm is not None:  # what the scheduler reads, before the address
+            print(banner.rsplit("\n", 1)[0], flush=True)
         serve(session, args.host, args.port)
         return 0
     from mllm_missing.chat.terminal import run_repl
 
-    labels = ", ".join(model.spec.get("label_names") or [])
-    banner = (
-        f"mllm-missing chat with {args.checkpoint} ({model.spec.get('task')}: {labels}); "
-        "/help for commands"
-    )
     run_repl(session, sys.stdin, sys.stdout, banner=banner)
     return 0
+
+
+def _vlm_session(args: argparse.Namespace, limits: Any) -> tuple[Any, str]:
+    """The chat session over the projector VLM and its banner; every argument is checked
+    before a model loads."""
+    from mllm_missing.backbones.hf import SMOLLM2_NAME
+    from mllm_missing.chat import ChatSession, VLMAnswerer, WhisperTranscriber
+    from mllm_missing.chat.vlm import build_vlm_scheduler, find_vlm
+    from mllm_missing.errors import ConfigError
+    from mllm_missing.training.vlm import load_trained_vlm
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    kind = args.scheduler or "fixed"
+    checkpoint = find_vlm(args.vlm)
+    if not args.verbose:  # each answer prints the decision and its rationale already
+        logging.getLogger("mllm_missing.scheduler").setLevel(logging.WARNING)
+    # Built once before the models load, so a bad --prompt or missing scores fails at once.
+    options = {"prompt": args.prompt, "scores_file": args.scores, "llm_name": args.scheduler_llm}
+    scheduler, lines = build_vlm_scheduler(kind, checkpoint, **options)
+    vlm = load_trained_vlm(checkpoint.directory, device=args.device)
+    if kind == "llm" and args.scheduler_llm == SMOLLM2_NAME:
+        # The scheduler's SmolLM2 is the VLM's own frozen LM: loaded once, not twice.
+        scheduler, lines = build_vlm_scheduler(kind, checkpoint, llm=vlm.vlm.lm, **options)
+        lines[0] += " (its LLM: the VLM's own SmolLM2)"
+    answerer = VLMAnswerer(vlm, max_new_tokens=args.max_new_tokens)
+    session = ChatSession(
+        answerer, scheduler=scheduler, transcriber=WhisperTranscriber(device=args.device),
+        limits=limits,
+    )  # fmt: skip
+    banner = "\n".join(
+        [f"mllm-missing chat with the projector VLM {checkpoint.directory} (image + text)",
+         *lines, "/help for commands"]
+    )  # fmt: skip
+    return session, banner
 
 
 def _add_eval(subparsers: Any) -> None:

@@ -20,6 +20,7 @@ from mllm_missing.errors import ConfigError
 
 __all__ = [
     "SMOLLM2_NAME",
+    "CallbackStreamer",
     "FrozenCausalLM",
     "ModelNotFoundError",
     "load_causal_lm",
@@ -38,8 +39,13 @@ def _as_messages(messages: Messages) -> list[dict[str, str]]:
     return [dict(message) for message in messages]
 
 
-class _CallbackStreamer:
-    """Hands each newly decoded piece of generated text to `callback` (a transformers streamer)."""
+class CallbackStreamer:
+    """Hands each newly decoded piece of generated text to `callback` (a transformers streamer).
+
+    Args:
+        tokenizer: decodes the generated ids.
+        callback: receives each new piece; the pieces join up to the decoded answer.
+    """
 
     def __init__(self, tokenizer: Any, callback: Callable[[str], None]):
         self.tokenizer = tokenizer
@@ -165,7 +171,7 @@ class FrozenCausalLM(FrozenWrapper):
             eos_token_id=self._stop_ids(),
             pad_token_id=self._pad_id(),
         )
-        streamer = _CallbackStreamer(self.tokenizer, stream) if stream is not None else None
+        streamer = CallbackStreamer(self.tokenizer, stream) if stream is not None else None
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +229,7 @@ class MissingAwareVLM(nn.Module):
         *,
         max_new_tokens: int = 32,
         missing_prompt: str = "learned",
+        stream: Callable[[str], None] | None = None,
     ) -> str:
         """Greedy answer to `question` about `image`.
 
@@ -240,6 +241,7 @@ class MissingAwareVLM(nn.Module):
                 in for it) or ``status_text`` (no image tokens; the MissRAG status line
                 "Input modality status: image: missing; text: present." goes before a text
                 question).
+            stream: called with each new piece of the answer as it is generated.
 
         Raises:
             ConfigError: an unknown `missing_prompt`.
@@ -253,7 +255,7 @@ class MissingAwareVLM(nn.Module):
             question = f"{status_text(Presence.of('text'))}\n{question}"
         tokens = self._tokens(1, [image], None, not told)
         return self.vlm.generate_with_tokens(
-            self.chat(question), tokens[0], max_new_tokens=max_new_tokens
+            self.chat(question), tokens[0], max_new_tokens=max_new_tokens, stream=stream
         )
 
     # --- artifacts ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -31,7 +31,13 @@ from torch import nn
 
 from mllm_missing.atomic import atomic_directory
 from mllm_missing.backbones.base import freeze
-from mllm_missing.backbones.hf import FrozenCausalLM, Messages, pad_token_id, stop_token_ids
+from mllm_missing.backbones.hf import (
+    CallbackStreamer,
+    FrozenCausalLM,
+    Messages,
+    pad_token_id,
+    stop_token_ids,
+)
 from mllm_missing.errors import ConfigError, DataFormatError
 
 if TYPE_CHECKING:
@@ -405,6 +411,7 @@ class ProjectorVLM(nn.Module):
         image: ImageInput = None,
         *,
         max_new_tokens: int = 32,
+        stream: Callable[[str], None] | None = None,
     ) -> str:
         """Greedy-decode the LM's answer to `question` about `image` (None: text-only).
 
@@ -412,21 +419,34 @@ class ProjectorVLM(nn.Module):
             question: a chat or a str (one user message).
             image: a PIL image, an image file path, a (image_dim,) feature tensor, or None.
             max_new_tokens: the most tokens generated.
+            stream: called with each new piece of text as it is generated.
 
         Returns:
             The answer, without special tokens.
         """
         features = self.encode_images(1, [image])
         return self.generate_with_tokens(
-            question, self.image_tokens(features)[0], max_new_tokens=max_new_tokens
+            question, self.image_tokens(features)[0], max_new_tokens=max_new_tokens, stream=stream
         )
 
     @torch.inference_mode()
     def generate_with_tokens(
-        self, question: Messages, image_tokens: torch.Tensor | None, *, max_new_tokens: int = 32
+        self,
+        question: Messages,
+        image_tokens: torch.Tensor | None,
+        *,
+        max_new_tokens: int = 32,
+        stream: Callable[[str], None] | None = None,
     ) -> str:
         """Greedy-decode the answer with `image_tokens` ((num_image_tokens, hidden) vectors)
         at the image position, or none (None): what `generate` and missing-aware wrappers use.
+
+        Args:
+            question: a chat or a str (one user message).
+            image_tokens: the vectors spliced at the image position, or None.
+            max_new_tokens: the most tokens generated.
+            stream: called with each new piece of text as it is generated; the pieces join up
+                to the returned text.
         """
         from transformers import GenerationConfig
 
@@ -438,8 +458,12 @@ class ProjectorVLM(nn.Module):
             pad_token_id=pad_token_id(self.lm.tokenizer),
         )
         # Given only inputs_embeds, generate returns just the new tokens.
+        streamer = CallbackStreamer(self.lm.tokenizer, stream) if stream is not None else None
         output = self.lm.model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            generation_config=config,
+            streamer=streamer,
         )
         answer: str = self.lm.tokenizer.decode(output[0], skip_special_tokens=True)
         return answer

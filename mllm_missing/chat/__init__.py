@@ -1,9 +1,15 @@
-"""Chat with partial inputs: a `ChatSession` over a trained checkpoint or a generative model, a
-terminal REPL (`run_repl`) and a web page (`serve`), all started by `mllm-missing chat`."""
+"""Chat with partial inputs: a `ChatSession` over a trained checkpoint, the missing-aware VLM or
+a generative model, a terminal REPL (`run_repl`) and a web page (`serve`), all started by
+`mllm-missing chat`."""
 
 from __future__ import annotations
 
-from mllm_missing.chat.answerers import Answerer, ClassifierAnswerer, GenerativeAnswerer
+from mllm_missing.chat.answerers import (
+    Answerer,
+    ClassifierAnswerer,
+    GenerativeAnswerer,
+    VLMAnswerer,
+)
 from mllm_missing.chat.inputs import ChatInputError, ChatLimits, WhisperTranscriber
 from mllm_missing.chat.session import ChatSession, ChatTurn
 
@@ -15,5 +21,6 @@ __all__ = [
     "ChatTurn",
     "ClassifierAnswerer",
     "GenerativeAnswerer",
+    "VLMAnswerer",
     "WhisperTranscriber",
 ]

@@ -9,8 +9,15 @@ carry payloads), sending pieces of the answer to ``emit`` as they are computed.
   through the `InferenceEngine`; the answer is the best label and its probability,
   ``"circle (82 %)"``. The scheduler's `ModuleChoice` picks which loaded model runs.
 - `GenerativeAnswerer`: any ``generate(question, image, stream) -> str`` function, e.g. a
-  `FrozenCausalLM` (text only; streams tokens, `from_causal_lm`) or a `ProjectorVLM` (image +
-  text; the answer comes as one piece, `from_projector_vlm`).
+  `FrozenCausalLM` (text only, `from_causal_lm`) or a `ProjectorVLM` (image + text,
+  `from_projector_vlm`); both stream tokens.
+- `VLMAnswerer`: a `MissingAwareVLM` (the easy-VQA projector recipe's checkpoint) whose way of
+  telling the LM that the image is absent is the scheduler's choice: the learned missing-image
+  tokens (``learned``) or the status line (``status_text``). It streams tokens.
+
+An answerer may also have ``needs_choice(presence) -> bool``: whether the scheduler is asked for
+that presence pattern (default: `uses_modules`). The VLM has a choice only when its image is
+absent.
 """
 
 from __future__ import annotations
@@ -19,10 +26,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from mllm_missing.chat.inputs import ChatInputError
+from mllm_missing.errors import ConfigError
 from mllm_missing.inference.engine import InferenceEngine, ModuleChoice, model_choice
-from mllm_missing.types import Modality, Sample
+from mllm_missing.types import Modality, Presence, Sample
 
-__all__ = ["Answerer", "ClassifierAnswerer", "Emit", "GenerativeAnswerer"]
+__all__ = ["Answerer", "ClassifierAnswerer", "Emit", "GenerativeAnswerer", "VLMAnswerer"]
+
+#: What a `VLMAnswerer` can be told to do for an absent image (`MissingAwareVLM.generate`'s
+#: ``missing_prompt``; the scheduler's `PROMPT_CHOICES`).
+VLM_PROMPTS = ("learned", "status_text")
 
 #: Receives each piece of an answer as it is produced.
 Emit = Callable[[str], None]
@@ -34,7 +46,7 @@ class Answerer(Protocol):
 
     Attributes:
         modalities: the inputs it reads (others given in a turn are reported as ignored).
-        uses_modules: whether a scheduler's `ModuleChoice` applies to it.
+        uses_modules: whether a scheduler's `ModuleChoice` (modules, or a prompt) applies to it.
     """
 
     modalities: frozenset[Modality]
@@ -79,6 +91,11 @@ class ClassifierAnswerer:
         return model_choice(self.model)
 
     def _engine(self, choice: ModuleChoice) -> InferenceEngine:
+        if choice.prompt is not None:
+            raise ConfigError(
+                f"the scheduler chose {choice}, but a classifier has no prompt choice; schedule "
+                "imputation+fusion options only"
+            )
         if choice not in self._engines:
             if choice not in self.models:
                 known = ", ".join(str(c) for c in self.models)
@@ -138,12 +155,11 @@ class GenerativeAnswerer:
 
     @classmethod
     def from_projector_vlm(cls, vlm: Any, max_new_tokens: int = 32) -> GenerativeAnswerer:
-        """An image + text answerer from a `ProjectorVLM`; its answer comes as one piece."""
+        """An image + text answerer from a `ProjectorVLM`; streams tokens (an absent image
+        gets the plain text-only prompt; `VLMAnswerer` for a `MissingAwareVLM`)."""
 
         def generate(question: str, image: Any, stream: Emit) -> str:
-            text = str(vlm.generate(question, image, max_new_tokens=max_new_tokens))
-            stream(text)
-            return text
+            return str(vlm.generate(question, image, max_new_tokens=max_new_tokens, stream=stream))
 
         return cls(generate, frozenset({Modality.IMAGE, Modality.TEXT}))
 
@@ -156,3 +172,69 @@ class GenerativeAnswerer:
         del choice
         question = sample.payloads.get(Modality.TEXT) or "Describe the image."
         return self.generate(question, sample.payloads.get(Modality.IMAGE), emit)
+
+
+class VLMAnswerer:
+    """A `MissingAwareVLM` as a chat answerer: the scheduler picks, when the image is absent,
+    how the LM is told so.
+
+    The scheduler's choice is a prompt alone (``ModuleChoice(None, None, "status_text")``):
+    ``learned`` puts the learned missing-image tokens where the image tokens go, ``status_text``
+    puts the status line "Input modality status: image: missing; text: present." before the
+    question instead (`MissingAwareVLM.generate`'s ``missing_prompt``). With the image present
+    there is nothing to choose and the scheduler is not asked.
+
+    Args:
+        vlm: the trained model (e.g. `mllm_missing.training.vlm.load_trained_vlm`).
+        max_new_tokens: answer length limit.
+        default_prompt: the prompt when no scheduler is given (``learned``: what it was trained
+            with).
+
+    Raises:
+        ConfigError: an unknown `default_prompt`.
+    """
+
+    uses_modules = True
+
+    def __init__(self, vlm: Any, *, max_new_tokens: int = 32, default_prompt: str = "learned"):
+        if default_prompt not in VLM_PROMPTS:
+            raise ConfigError(
+                f"default_prompt must be one of {', '.join(VLM_PROMPTS)}; got {default_prompt!r}"
+            )
+        self.vlm = vlm
+        self.max_new_tokens = max_new_tokens
+        self.default_prompt = default_prompt
+        self.modalities = frozenset({Modality.IMAGE, Modality.TEXT})
+
+    def default_choice(self) -> ModuleChoice:
+        """`default_prompt`, with no imputation or fusion module."""
+        return ModuleChoice(None, None, self.default_prompt)
+
+    def needs_choice(self, presence: Presence) -> bool:
+        """True when the image is absent: only then does the prompt choice change the input."""
+        return Modality.IMAGE not in presence
+
+    def answer(self, sample: Sample, choice: ModuleChoice | None, emit: Emit) -> str:
+        """The VLM's answer, streamed token by token; a turn with no text asks it to describe
+        the image.
+
+        Raises:
+            ConfigError: the image is absent and `choice` names no prompt this VLM has.
+        """
+        image = sample.payloads.get(Modality.IMAGE)
+        prompt = self.default_prompt
+        if image is None and choice is not None:
+            if choice.prompt not in VLM_PROMPTS:
+                raise ConfigError(
+                    f"the scheduler chose {choice}, but this VLM takes a prompt choice "
+                    f"({', '.join(VLM_PROMPTS)}); give the scheduler options "
+                    f"{', '.join(VLM_PROMPTS)}"
+                )
+            prompt = str(choice.prompt)
+        question = sample.payloads.get(Modality.TEXT) or "Describe the image."
+        return str(
+            self.vlm.generate(
+                question, image, max_new_tokens=self.max_new_tokens, missing_prompt=prompt,
+                stream=emit,
+            )
+        )  # fmt: skip

@@ -22,7 +22,7 @@ PAGE = """<!doctype html>
   input[type=text] { font-size: 1rem; padding: .45rem; width: 100%; box-sizing: border-box; }
   button { font-size: 1rem; padding: .5rem 1.2rem; justify-self: start; }
   #turns { margin-top: 1.2rem; display: grid; gap: .8rem; }
-  .turn { background: #fff; border: 1px solid #ddd; border-radius: 8px; padding: .8rem 1rem; }
+  .turn, .live { background: #fff; border: 1px solid #ddd; border-radius: 8px; padding: .8rem 1rem; }
   .question { color: #444; }
   .answer { font-size: 1.5rem; font-weight: 700; margin: .3rem 0; }
   .status { font-family: ui-monospace, monospace; font-size: .95rem; }
@@ -58,9 +58,7 @@ function line(cls, text) {
   return div;
 }
 
-function show(question, file, result) {
-  const box = document.createElement("div");
-  box.className = "turn";
+function questionLine(question, file) {
   const q = line("question", "Q: " + (question || "(no text)"));
   if (file) {
     const img = document.createElement("img");
@@ -68,7 +66,18 @@ function show(question, file, result) {
     img.src = URL.createObjectURL(file);
     q.prepend(img);
   }
-  box.append(q);
+  return q;
+}
+
+// A finished turn: the answer, then what was used, missing and chosen. `box` is the live box
+// the answer streamed into (null: a new one).
+function show(question, file, result, box) {
+  if (!box) {
+    box = document.createElement("div");
+    turns.prepend(box);
+  }
+  box.className = "turn";
+  box.replaceChildren(questionLine(question, file));
   if (result.error) {
     box.append(line("error", "error: " + result.error));
   } else {
@@ -79,12 +88,44 @@ function show(question, file, result) {
     if (result.ignored.length) box.append(line("status", "ignored: " + result.ignored.join(", ")));
     if (result.modules) box.append(line("status scheduler",
         "modules: " + result.modules + " (scheduler: " + result.scheduler + ")"));
+    else if (result.prompt) box.append(line("status scheduler",
+        "prompt: " + result.prompt + " (scheduler: " + result.scheduler + ")"));
     if (result.rationale) box.append(line("status", "why: " + result.rationale));
     if (result.transcript !== null) box.append(line("status", "heard: \\"" + result.transcript + "\\""));
     for (const note of result.notes) box.append(line("status", "note: " + note));
   }
   box.dataset.done = "1";
+}
+
+// POST /ask?stream=1 answers in lines of JSON: {"piece"} as the answer is generated, then
+// {"turn"}. The live box is not a .turn until the turn is finished.
+async function ask(data, question, file) {
+  const box = document.createElement("div");
+  box.className = "live";
+  const answer = line("answer", "");
+  box.append(questionLine(question, file), answer);
   turns.prepend(box);
+  const response = await fetch("/ask?stream=1", {method: "POST", body: data});
+  if (!(response.headers.get("Content-Type") || "").includes("ndjson")) {
+    show(question, file, await response.json(), box);  // refused before answering (413)
+    return;
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffered = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffered += decoder.decode(value, {stream: true});
+    let end;
+    while ((end = buffered.indexOf("\\n")) >= 0) {
+      const message = JSON.parse(buffered.slice(0, end));
+      buffered = buffered.slice(end + 1);
+      if (message.piece !== undefined) answer.textContent += message.piece;
+      if (message.turn !== undefined) { show(question, file, message.turn, box); return; }
+    }
+  }
+  show(question, file, {error: "the answer stopped before it was finished"}, box);
 }
 
 form.addEventListener("submit", async (event) => {
@@ -96,17 +137,17 @@ form.addEventListener("submit", async (event) => {
     const file = document.getElementById(name).files[0];
     if (file && file.size > LIMIT) {
       show(question, null, {error: name + " " + file.name + " is too large (" +
-           (file.size / 1048576).toFixed(1) + " MB; the limit is __LIMIT_MB__ MB)"});
+           (file.size / 1048576).toFixed(1) + " MB; the limit is __LIMIT_MB__ MB)"}, null);
       return;
     }
   }
   const button = document.getElementById("send");
   button.disabled = true;
   try {
-    const response = await fetch("/ask", {method: "POST", body: data});
-    show(question, image, await response.json());
+    await ask(data, question, image);
   } catch (err) {
-    show(question, image, {error: "no answer from the server (" + err + ")"});
+    const live = turns.querySelector(".live");
+    show(question, image, {error: "no answer from the server (" + err + ")"}, live);
   } finally {
     button.disabled = false;
   }

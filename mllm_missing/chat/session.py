@@ -4,7 +4,8 @@
 `mllm_missing.chat.inputs`), turns audio into text with Whisper tiny.en when the answerer does
 not read audio itself, asks the scheduler which modules to run for the turn's presence pattern
 (once per pattern, as the inference engine does), and returns a `ChatTurn` saying what was used,
-what was missing and what the scheduler chose.
+what was missing and what the scheduler chose: the imputation + fusion modules of a classifier,
+or for the missing-aware VLM how the LM is told that the image is absent (its prompt).
 
 Streaming: ``ask(..., stream=callback)`` calls ``callback(piece)`` with each piece of the reply
 as it is computed (the answer, or each generated token for a generative answerer, then the
@@ -29,7 +30,14 @@ from mllm_missing.chat.inputs import (
 )
 from mllm_missing.errors import MllmMissingError
 from mllm_missing.inference.engine import FixedSelector, ModuleChoice, ModuleSelector
-from mllm_missing.types import MODALITY_ORDER, Modality, Presence, Sample, is_empty_payload
+from mllm_missing.types import (
+    MODALITY_ORDER,
+    Modality,
+    Presence,
+    Sample,
+    is_empty_payload,
+    status_text,
+)
 
 __all__ = ["ChatSession", "ChatTurn"]
 
@@ -47,7 +55,10 @@ class ChatTurn:
         used: the inputs the answer used, in order image, text, audio.
         missing: the answerer's inputs this turn lacked (the imputation filled them).
         ignored: inputs given that the answerer cannot read.
-        modules: the imputation + fusion that ran (None: the answerer has no modules).
+        modules: the imputation + fusion (+ prompt) that ran (None: the answerer has no
+            modules).
+        prompt: a VLM's prompt choice for the absent image, ``learned`` or ``status_text``
+            (None: no prompt was chosen, e.g. nothing was missing).
         scheduler: the scheduler's name.
         rationale: the scheduler's reason for its choice, if it gave one.
         question: the text the answerer read (typed text, a transcript, or both).
@@ -61,6 +72,7 @@ class ChatTurn:
     missing: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     modules: str | None = None
+    prompt: str | None = None
     scheduler: str | None = None
     rationale: str | None = None
     question: str | None = None
@@ -74,7 +86,8 @@ class ChatTurn:
         return self.error is None
 
     def status_line(self) -> str:
-        """``used: image, text; missing: —; modules: zero+concat (scheduler: fixed)``."""
+        """``used: image, text; missing: —; modules: zero+concat (scheduler: fixed)``, or for a
+        VLM ``used: text; missing: image; prompt: status_text (scheduler: llm)``."""
         parts = [
             f"used: {', '.join(self.used) or _DASH}",
             f"missing: {', '.join(self.missing) or _DASH}",
@@ -83,6 +96,8 @@ class ChatTurn:
             parts.append(f"ignored: {', '.join(self.ignored)}")
         if self.modules is not None:
             parts.append(f"modules: {self.modules} (scheduler: {self.scheduler})")
+        elif self.prompt is not None:
+            parts.append(f"prompt: {self.prompt} (scheduler: {self.scheduler})")
         return "; ".join(parts)
 
     def detail_lines(self) -> list[str]:
@@ -106,6 +121,19 @@ class ChatTurn:
         return out
 
 
+def _stood_in(choice: ModuleChoice | None, presence: Presence) -> str:
+    """What stood in for the missing inputs, as the end of a note (``""``: nothing said)."""
+    if choice is None:
+        return ""
+    if choice.imputation is not None:
+        return f": {choice.imputation} imputation stood in"
+    if choice.prompt == "learned":
+        return ": the learned missing-aware prompt stood in"
+    if choice.prompt == "status_text":
+        return f': the LM was told so in text ("{status_text(presence)}")'
+    return ""
+
+
 def _scheduler_name(scheduler: Any) -> str:
     for attribute in ("name", "kind"):  # kind: mllm_missing.scheduler's llm / rule / fixed
         name = getattr(scheduler, attribute, None)
@@ -120,9 +148,12 @@ class ChatSession:
     """Question answering over partial inputs with one answerer.
 
     Args:
-        answerer: a `ClassifierAnswerer` (trained checkpoint) or `GenerativeAnswerer`.
+        answerer: a `ClassifierAnswerer` (trained checkpoint), `VLMAnswerer` (missing-aware
+            VLM) or `GenerativeAnswerer`.
         scheduler: any `ModuleSelector` (``presence -> ModuleChoice``), asked once per presence
-            pattern; default: the answerer's own modules for every pattern. It may explain its
+            pattern the answerer has a choice for (its ``needs_choice``; default: every pattern
+            when it `uses_modules`); default: the answerer's own modules (a VLM: its ``learned``
+            prompt) for every pattern. It may explain its
             choice: a ``decide(presence)`` method returning an object with ``choice`` and
             ``rationale`` (`mllm_missing.scheduler`'s schedulers), a ``rationale`` attribute on
             the returned choice, or an ``explain(presence) -> str`` method. ``scheduler.name``
@@ -224,12 +255,15 @@ class ChatSession:
         turn.question = payloads.get(Modality.TEXT)
         sample = Sample(Presence(frozenset(present)), {m: payloads[m] for m in present})
         choice: ModuleChoice | None = None
-        if self.answerer.uses_modules and self.scheduler is not None:
+        if self.scheduler is not None and self._needs_choice(sample.presence):
             choice, turn.rationale = self._choose(sample.presence)
-            turn.modules, turn.scheduler = str(choice), _scheduler_name(self.scheduler)
+            turn.scheduler = _scheduler_name(self.scheduler)
+            if choice.imputation is not None:
+                turn.modules = str(choice)
+            turn.prompt = choice.prompt
         if turn.missing:
             absent = " and ".join(f"the {m}" for m in turn.missing)
-            how = f": {choice.imputation} imputation stood in" if choice else ""
+            how = _stood_in(choice, sample.presence)
             turn.notes.append(
                 f"{absent} {'was' if len(turn.missing) == 1 else 'were'} missing{how}"
             )
@@ -260,6 +294,10 @@ class ChatSession:
         else:
             payloads[Modality.TEXT] = heard
             turn.notes.append("question = the audio's transcript")
+
+    def _needs_choice(self, presence: Presence) -> bool:
+        needs = getattr(self.answerer, "needs_choice", None)
+        return bool(needs(presence)) if callable(needs) else bool(self.answerer.uses_modules)
 
     def _choose(self, presence: Presence) -> tuple[ModuleChoice, str | None]:
         if presence not in self._choices:

@@ -3,7 +3,10 @@ type a question, and see the answer with the used / missing modalities and the s
 
 Standard library only: `http.server` serves the page (`mllm_missing.chat.page`) at ``/`` and
 answers ``POST /ask`` (``multipart/form-data`` with optional ``text``, ``image`` and ``audio``
-fields) with the `ChatTurn` as JSON. A request body over the session's file limit plus 1 MB is
+fields) with the `ChatTurn` as JSON. ``POST /ask?stream=1`` answers the same form as
+newline-delimited JSON instead: ``{"piece": ...}`` for each piece of the answer as it is
+generated (a VLM's tokens), then ``{"turn": ...}``, the finished turn; the page uses it to show
+the answer as it is produced. A request body over the session's file limit plus 1 MB is
 refused before it is read, with HTTP 413 and a message the page shows. The server binds to
 127.0.0.1 unless another host is given; turns run one at a time (the model is not thread-safe).
 """
@@ -59,6 +62,7 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, bytes | str]:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _ChatServer
+    _gone = False  # the client closed a streamed answer's connection
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.address_string(), *args)
@@ -83,7 +87,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no page {self.path}"})
 
     def do_POST(self) -> None:
-        if self.path != "/ask":
+        path, _, query = self.path.partition("?")
+        if path != "/ask":
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
             return
         limit = self.server.session.limits.max_file_bytes
@@ -103,13 +108,44 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
             return
         text = fields.get("text")
+        inputs: dict[str, Any] = {
+            "text": text if isinstance(text, str) and text.strip() else None,
+            "image": fields.get("image") or None,
+            "audio": fields.get("audio") or None,
+        }
+        if "stream=1" not in query.split("&"):
+            with self.server.lock:
+                turn = self.server.session.ask(**inputs)
+            self._json(HTTPStatus.OK, turn.to_dict())
+            return
+        self.close_connection = True  # no length known: the body ends with the connection
+        self._gone = False
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        held: list[str] = []
+
+        def forward(piece: str) -> None:
+            # The session's last piece is the status lines (or the error): hold each piece
+            # back until the next arrives, so only the answer's pieces go out as pieces.
+            if held:
+                self._line({"piece": held.pop()})
+            held.append(piece)
+
         with self.server.lock:
-            turn = self.server.session.ask(
-                text=text if isinstance(text, str) and text.strip() else None,
-                image=fields.get("image") or None,
-                audio=fields.get("audio") or None,
-            )
-        self._json(HTTPStatus.OK, turn.to_dict())
+            turn = self.server.session.ask(**inputs, stream=forward)
+        self._line({"turn": turn.to_dict()})
+
+    def _line(self, payload: dict[str, Any]) -> None:
+        if self._gone:
+            return
+        try:
+            self.wfile.write(json.dumps(payload).encode() + b"\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            # The page went away mid-answer: the turn still finishes (and is in the history).
+            self._gone = True
 
 
 class _ChatServer(ThreadingHTTPServer):
