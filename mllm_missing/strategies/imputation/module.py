@@ -282,14 +282,12 @@ class KnnImputation(Imputation):
 
     def fit(self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor) -> None:
         """Build the memory bank of the training embeddings (rows with at least one modality)."""
-        from mllm_missing.strategies.retrieval import MemoryBankConfig, build_memory_bank
+        from mllm_missing.strategies.retrieval import MemoryBankConfig, index_rows
 
-        columns = torch.stack([presence[:, _column(m)] for m in self.dims], dim=1)
-        rows = columns.any(dim=1)
-        self.bank = build_memory_bank(
-            [str(i) for i in range(int(rows.sum()))],
-            {m.value: embeddings[m][rows].detach().float().cpu() for m in self.dims},
-            columns[rows].cpu(),
+        self.bank = index_rows(
+            [str(i) for i in range(len(presence))],
+            {m: embeddings[m] for m in self.dims},
+            presence,
             MemoryBankConfig(k=self.config.k, source="knn imputation fit"),
         )
 
@@ -302,12 +300,7 @@ class KnnImputation(Imputation):
         if self.bank is None:
             raise RuntimeError("knn imputation is used before fit(); call fit on training data")
         reference = embeddings[modality]
-        out = reference.new_zeros(reference.shape)
-        for by, rows in self.bank.group_queries(presence, target=modality.value).items():
-            queries = embeddings[by][rows].detach().float().cpu()
-            _, indices = self.bank.search(queries, by, target=modality.value)
-            out[rows.to(out.device)] = self.bank.neighbour_mean(indices, modality.value).to(out)
-        return out
+        return self.bank.impute(modality, embeddings, presence).to(reference)
 
 
 def build_imputation(config: ImputationConfig, dims: Mapping[Modality, int]) -> Imputation:

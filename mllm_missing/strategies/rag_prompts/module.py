@@ -29,7 +29,7 @@ from mllm_missing.errors import ConfigError
 from mllm_missing.strategies.base import case_codes, case_names
 from mllm_missing.strategies.prompting import PromptStrategy
 from mllm_missing.strategies.rag_prompts.config import RagPromptsConfig
-from mllm_missing.strategies.retrieval import MemoryBank, MemoryBankConfig, build_memory_bank
+from mllm_missing.strategies.retrieval import MemoryBank, MemoryBankConfig, index_rows
 from mllm_missing.types import MODALITY_ORDER, Modality
 
 __all__ = ["BANK_FOLDER", "RagPrompts"]
@@ -103,19 +103,14 @@ class RagPrompts(PromptStrategy):
         missing = [m.value for m in self.data_modalities if m not in embeddings]
         if missing:
             raise ValueError(f"rag_prompts: no training embeddings of {', '.join(missing)}")
-        columns = torch.stack([presence[:, _column(m)] for m in self.data_modalities], dim=1)
-        rows = columns.any(dim=1)
-        if not bool(rows.any()):
-            raise ValueError("rag_prompts: no training row has any modality to index")
-        kept = rows.nonzero().flatten().tolist()
-        self.bank = build_memory_bank(
-            [str(ids[i]) for i in kept],
-            {m.value: embeddings[m][rows].detach().float().cpu() for m in self.data_modalities},
-            columns[rows].cpu(),
+        self.bank = index_rows(
+            ids,
+            {m: embeddings[m] for m in self.data_modalities},
+            presence,
             MemoryBankConfig(
                 k=self.config.k,
                 dtype=self.config.bank_dtype,
-                source=f"rag_prompts: frozen embeddings of {len(kept)} training rows",
+                source=f"rag_prompts: frozen embeddings of {len(ids)} training rows",
             ),
         )
 
@@ -160,16 +155,9 @@ class RagPrompts(PromptStrategy):
                 "rag_prompts has no memory bank: call fit_retrieval on the training split's "
                 "frozen embeddings, or load a saved model (its memory_bank folder)"
             )
-        out = torch.zeros(len(rows), self.stand_in_dims[target])
-        for by, members in self.bank.group_queries(presence[rows], target=target.value).items():
-            picked = rows[members]
-            queries = embeddings[by][picked].detach().float().cpu()
-            exclude = None
-            if exclude_ids is not None:
-                exclude = [exclude_ids[i] for i in picked.tolist()]
-            _, indices = self.bank.search(queries, by, target=target.value, exclude_ids=exclude)
-            out[members] = F.normalize(self.bank.neighbour_mean(indices, target.value), dim=1)
-        return out
+        exclude = None if exclude_ids is None else [exclude_ids[i] for i in rows.tolist()]
+        subset = {m: x[rows.to(x.device)] for m, x in embeddings.items()}
+        return F.normalize(self.bank.impute(target, subset, presence[rows], exclude), dim=1)
 
     def tokens(self, modality: Modality, presence: torch.Tensor) -> torch.Tensor:
         """Not available without the retrieval context: use `context_tokens`."""

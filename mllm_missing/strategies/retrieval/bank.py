@@ -331,6 +331,39 @@ class MemoryBank:
         raw = raw.to(indices.device).reshape(*indices.shape, -1)
         return raw * valid.unsqueeze(-1)
 
+    def impute(
+        self,
+        target: str | Modality,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        exclude_ids: Sequence[str | None] | None = None,
+    ) -> torch.Tensor:
+        """The mean of each row's k nearest entries' `target` embeddings (kNN imputation).
+
+        Each row is searched by its first present modality other than `target`
+        (`group_queries`); only entries that have `target` are candidates.
+
+        Args:
+            target: the modality to stand in for.
+            embeddings: modality -> (Q, D) embeddings of the rows (rows it lacks: anything).
+            presence: bool (Q, 3) in `MODALITY_ORDER` or (Q, M) in `modalities` order.
+            exclude_ids: per row, an id it must not retrieve (leave-one-out).
+
+        Returns:
+            float32 (Q, D_target) on the CPU; a row with no candidate is all zeros.
+
+        Raises:
+            ValueError: a row with nothing to search by ("every modality is missing").
+        """
+        target, _ = self._column(target)
+        out = torch.zeros(len(presence), self.dims[target])
+        for by, rows in self.group_queries(presence, target=target).items():
+            queries = embeddings[by][rows.to(embeddings[by].device)].detach().float().cpu()
+            exclude = None if exclude_ids is None else [exclude_ids[i] for i in rows.tolist()]
+            _, indices = self.search(queries, by, target=target, exclude_ids=exclude)
+            out[rows] = self.neighbour_mean(indices, target).cpu()
+        return out
+
     def neighbour_mean(self, indices: torch.Tensor, target: str | Modality) -> torch.Tensor:
         """Mean raw `target` embedding over each query's valid (non ``-1``) neighbours.
 
@@ -340,6 +373,43 @@ class MemoryBank:
         embeddings = self.neighbour_embeddings(indices, target)
         count = (torch.as_tensor(indices) >= 0).sum(dim=1, keepdim=True).to(embeddings.device)
         return embeddings.sum(dim=1) / count.clamp_min(1)
+
+
+def index_rows(
+    ids: Sequence[str],
+    embeddings: Mapping[Modality, torch.Tensor],
+    presence: torch.Tensor,
+    config: MemoryBankConfig,
+) -> MemoryBank:
+    """A bank of a training split's rows: only the modalities a row has enter it (so a sample
+    never lends an input hidden from it), and rows with none of `embeddings`' modalities are
+    left out.
+
+    Args:
+        ids: one id per row.
+        embeddings: modality -> (n, D) embeddings, absent rows anything.
+        presence: bool (n, 3) in `MODALITY_ORDER`.
+        config: the bank's settings.
+
+    Raises:
+        ValueError: no row has any of the modalities, or a present row is NaN/inf or zero.
+    """
+    modalities = [m for m in MODALITY_ORDER if m in embeddings]
+    columns = torch.stack([presence[:, MODALITY_ORDER.index(m)] for m in modalities], 1).cpu()
+    rows = columns.any(dim=1)
+    if not bool(rows.any()):
+        names = ", ".join(m.value for m in modalities)
+        raise ValueError(f"no row has any of {names} to put in a memory bank")
+    kept = rows.nonzero().flatten().tolist()
+    return MemoryBank.build(
+        [str(ids[i]) for i in kept],
+        {
+            m: embeddings[m][rows.to(embeddings[m].device)].detach().float().cpu()
+            for m in modalities
+        },
+        columns[rows],
+        config,
+    )
 
 
 def build_memory_bank(
