@@ -233,7 +233,8 @@ def _add_chat(subparsers: Any) -> None:
         choices=("fixed", "rule", "llm"),
         default=None,
         help="--vlm: who picks the prompt for an absent image (default fixed): fixed (--prompt), "
-        "rule (best score per prompt: --scores, else the recipe's results.json) or llm "
+        "rule (best score per prompt: --scores, else the recipe's validation scores in its "
+        "results.json) or llm "
         "(SmolLM2 ranks the prompts, offline)",
     )
     parser.add_argument(
@@ -247,7 +248,8 @@ def _add_chat(subparsers: Any) -> None:
         metavar="FILE",
         default=None,
         help='--vlm: scores per prompt, {"scores": {"learned": {"text": S}, "status_text": '
-        '{"text": S}}} (default: the recipe\'s results.json)',
+        '{"text": S}}} (default: the recipe\'s results.json, validation scores; test ones, '
+        "said so, only when it has none)",
     )
     parser.add_argument(
         "--scheduler-llm",

@@ -2,14 +2,18 @@
 
 Trains the projector and the learned missing-image tokens (the LM stays frozen) with image
 dropout, then scores answer accuracy over the 13 answers on a fixed test subset with the image
-present, absent (missing tokens), and for reference the untrained projector and text-only
-SmolLM2. Run from the repository root::
+present, absent (missing tokens), absent with the MissRAG status line instead, and for reference
+the untrained projector and text-only SmolLM2. The two image-absent options are also scored on
+``choice_val_size`` held-out train questions (``val`` in results.json): `mllm-missing chat --vlm`
+picks its prompt by those, not by test scores. Run from the repository root::
 
     .venv/bin/python recipes/easy_vqa_vlm.py \
         recipes/configs/easy_vqa/smollm2-efficientnet_projector.yaml [key=value ...] [--resume]
 
-e.g. ``train_size=500 test_size=200``. Writes ``output_dir/results.json`` (with the config) and
-``output_dir/best/`` (projector + missing tokens; load with `MissingAwareVLM.from_pretrained`).
+e.g. ``train_size=500 test_size=200``. ``--resume`` continues an interrupted run, or adds what
+a finished one lacks (new conditions, the validation scores) without training it again. Writes
+``output_dir/results.json`` (with the config) and ``output_dir/best/`` (projector + missing
+tokens; load with `MissingAwareVLM.from_pretrained`).
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from mllm_missing.training.vlm import VLMTrainConfig, run_vlm_training
 
 
 def main(cfg: VLMTrainConfig, resume: bool = False) -> None:
-    """Train `cfg`, print the test accuracies."""
+    """Train `cfg`, print the test and validation accuracies."""
     results = run_vlm_training(cfg, resume=resume)
-    for condition, row in results["test"].items():
-        print(f"{condition}: accuracy {row['accuracy']:.4f} ({row['questions']} questions)")
+    for split in ("test", "val"):
+        for condition, row in results[split].items():
+            print(f"{split} {condition}: accuracy {row['accuracy']:.4f} "
+                  f"({row['questions']} questions)")  # fmt: skip
 
 
 if __name__ == "__main__":

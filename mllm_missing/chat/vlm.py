@@ -6,9 +6,12 @@ Scores per prompt, for the ``rule`` scheduler (and shown to the ``llm`` one): a 
 file in the layout of `mllm_missing.scheduler.load_validation_scores` with options ``learned``
 and ``status_text``, else the recipe's ``results.json`` next to the checkpoint: condition
 ``absent`` is ``learned`` and ``absent_status`` is ``status_text`` on pattern ``text``. The
-recipe scores these conditions on its test questions only (its validation questions are scored
-with the image present), so the fallback ranks by test accuracy, and every rationale says
-``test``, never ``validation``. A prompt with no score is reported as unscored.
+recipe scores these conditions on held-out validation questions (``val``, its
+``choice_val_size`` train questions) and on its test questions (``test``); the validation
+scores are used. Results written before the recipe scored validation (or with
+``choice_val_size: 0``) have test scores only: those are used then, and the source line and every
+rationale say ``test``, never ``validation`` (``--resume`` the recipe to add the validation
+scores). A prompt with no score is reported as unscored.
 """
 
 from __future__ import annotations
@@ -102,12 +105,16 @@ def prompt_scores(checkpoint: VLMCheckpoint, scores_file: str | None = None) -> 
         if not found:
             continue
         listed = ", ".join(f"{p} {s['text']:.3f}" for p, s in found.items())
+        counts = {table[c].get("questions") for c, p in CONDITION_PROMPTS.items() if p in found}
         unscored = [p for p in CONDITION_PROMPTS.values() if p not in found]
         line = f"scores per prompt: {checkpoint.results} [{split}] {metric}: {listed}"
+        if len(counts) == 1 and None not in counts:
+            line += f" ({counts.pop()} questions)"
         if split == "test":
             line += (
-                " (the recipe scores the image-absent conditions on test questions only; these "
-                "choose a chat prompt, they are not an evaluation)"
+                " (no validation scores of the image-absent conditions there: these test scores "
+                "choose a chat prompt, they are not an evaluation; resuming the recipe with "
+                "--resume adds the validation scores)"
             )
         if unscored:
             line += f"; not scored there: {', '.join(unscored)}"

@@ -5,6 +5,11 @@ learned missing-image tokens when image dropout marks it absent) and the answer 
 assistant turn; the loss is the cross-entropy on the answer and end-of-turn tokens. The loop is
 the shared `fit` (seeded, resumable, atomic checkpoints). Answer accuracy ranks the 13 answers
 by log-likelihood (`MissingAwareVLM.score_answers`), so every prediction is a valid answer.
+
+The image-absent conditions are also scored on validation questions (train questions used
+neither for training nor for the per-epoch check), written under ``val`` in ``results.json``:
+a chat scheduler choosing between the learned tokens and the status line reads those, never the
+test scores.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from mllm_missing.types import Presence, status_text
 __all__ = [
     "CONDITIONS",
     "RECIPE_CONFIG_FILE",
+    "VAL_CONDITIONS",
     "VLMTask",
     "VLMTrainConfig",
     "load_trained_vlm",
@@ -43,6 +49,12 @@ CONDITIONS = ("present", "absent", "absent_status", "untrained_present", "text_o
 #: The status line the ``absent_status`` condition puts before each question.
 STATUS_LINE = status_text(Presence.of("text"))
 RECIPE_CONFIG_FILE = "recipe_config.json"
+#: The image-absent conditions, also scored on the choice validation questions (``val``).
+VAL_CONDITIONS = ("absent", "absent_status")
+#: Config fields that do not change a score already written: a resumed run with other values
+#: keeps them (``choice_val_size`` is checked against each ``val`` score's question count).
+_BOOKKEEPING = ("conditions", "choice_val_size", "eval_batch_size", "checkpoint_every",
+                "threads", "cache_dir", "output_dir")  # fmt: skip
 
 
 @dataclass
@@ -56,6 +68,10 @@ class VLMTrainConfig:
         system_prompt: system message of every chat (``""``: an empty system turn, shortest).
         train_size: training questions (a seeded sample of the train split).
         val_size: held-out train questions scored after each epoch (image present).
+        choice_val_size: further held-out train questions on which the image-absent conditions
+            (``absent``, ``absent_status``) are scored, under ``val`` in ``results.json``: what
+            a scheduler picks a prompt by (0: not scored). 128 questions cannot separate two
+            prompts a few points apart (standard error ~4 points), 1000 can (~1.5).
         test_size: test questions scored at the end (the first of a permutation seeded 0, so
             every run and seed scores the same subset).
         image_dropout: share of training samples whose image is marked absent (seeded table).
@@ -75,6 +91,7 @@ class VLMTrainConfig:
     system_prompt: str = ""
     train_size: int = 3000
     val_size: int = 128
+    choice_val_size: int = 1000
     test_size: int = 1000
     image_dropout: float = 0.3
     conditions: tuple[str, ...] = CONDITIONS
@@ -102,7 +119,8 @@ class VLMTrainConfig:
             raise ConfigError(f"image_dropout must be in [0, 1); got {self.image_dropout}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive; got {self.lr}")
-        for name in ("weight_decay", "max_grad_norm", "checkpoint_every", "threads"):
+        for name in ("choice_val_size", "weight_decay", "max_grad_norm", "checkpoint_every",
+                     "threads"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -135,6 +153,12 @@ class _Questions:
 
     def features_of(self, rows: torch.Tensor) -> list[torch.Tensor | None]:
         return [self.features[r] if self.present[r] else None for r in rows.tolist()]
+
+    def without_images(self, prefix: str | None = None) -> _Questions:
+        """The same questions with every image absent, each after `prefix`'s line if given."""
+        questions = self.questions if prefix is None else [f"{prefix}\n{q}" for q in self.questions]
+        absent = torch.zeros(len(self.questions), dtype=torch.bool)
+        return _Questions(questions, self.answers, self.labels, self.features, absent)
 
 
 class VLMTask:
@@ -243,7 +267,12 @@ def _load(
 
 
 def run_vlm_training(config: VLMTrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train, evaluate the conditions on the test subset, write ``results.json``; return it."""
+    """Train, score the conditions on the test subset and the image-absent ones on validation
+    questions, write ``results.json``; return it.
+
+    With `resume`, training continues from the last checkpoint (a finished run is not trained
+    again) and only the scores not yet written are computed.
+    """
     from mllm_missing.backbones.hf import load_smollm2
     from mllm_missing.backbones.missing_aware_vlm import MissingAwareVLM
     from mllm_missing.backbones.offline import load_default_image_encoder
@@ -262,6 +291,13 @@ def run_vlm_training(config: VLMTrainConfig, *, resume: bool = False) -> dict[st
     val_rows = subset_rows(len(train_set), config.val_size, config.seed, skip=config.train_size)
     train = _load(config, train_set, "train", train_rows, encoder)
     val = _load(config, train_set, "train", val_rows, encoder)
+    choice_val = None
+    if config.choice_val_size and set(VAL_CONDITIONS) & set(config.conditions):
+        choice_rows = subset_rows(
+            len(train_set), config.choice_val_size, config.seed,
+            skip=config.train_size + config.val_size,
+        )  # fmt: skip
+        choice_val = _load(config, train_set, "train", choice_rows, encoder)
     test_rows = subset_rows(len(test_set), config.test_size, 0)
     test = _load(config, test_set, "test", test_rows, encoder)
     # Image dropout as data: a seeded table of which training samples have no image.
@@ -277,31 +313,36 @@ def run_vlm_training(config: VLMTrainConfig, *, resume: bool = False) -> dict[st
     )  # fmt: skip
     model = MissingAwareVLM(vlm, system_prompt=config.system_prompt)
     options = list(ANSWERS)
-    results: dict[str, Any] = {"config": asdict(config), "complete": False, "test": {}}
+    results: dict[str, Any] = {"config": asdict(config), "complete": False, "test": {}, "val": {}}
     results_path = output / "results.json"
     if (output / "checkpoints" / "last").exists() and not resume:
         raise ConfigError(
             f"{output} already holds a checkpoint; pass --resume to continue it or choose "
             "another output_dir (nothing there is overwritten)"
         )
+    previous: dict[str, Any] = {}
     if resume and results_path.is_file():
-        # Conditions scored before the interruption are kept (same config only).
         previous = json.loads(results_path.read_text(encoding="utf-8"))
-        if previous.get("config") == results["config"]:
+        # Scores written before (an interruption, or a finished run resumed to add conditions
+        # or the validation scores) are kept when nothing that changes them differs.
+        if _same_scores(previous.get("config", {}), results["config"]):
             results["test"] = previous.get("test", {})
+            results["val"] = {
+                condition: row for condition, row in previous.get("val", {}).items()
+                if row.get("questions") == config.choice_val_size
+            }  # fmt: skip
+        else:
+            previous = {}
 
-    def score(condition: str, data: _Questions, use_missing_tokens: bool) -> None:
-        if condition in config.conditions and condition not in results["test"]:
-            results["test"][condition] = _timed(
-                model, data, options, config, use_missing_tokens, condition
-            )
-            output.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(results_path, json.dumps(results, indent=2))
+    def score(split: str, condition: str, data: _Questions | None, missing: bool) -> None:
+        if data is None or condition not in config.conditions or condition in results[split]:
+            return
+        results[split][condition] = _timed(model, data, options, config, missing, split, condition)
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(results_path, json.dumps(results, indent=2))
 
-    absent = _Questions(test.questions, test.answers, test.labels, test.features,
-                        torch.zeros(len(test.questions), dtype=torch.bool))  # fmt: skip
-    score("untrained_present", test, True)
-    score("text_only", absent, False)
+    score("test", "untrained_present", test, True)
+    score("test", "text_only", test.without_images(), False)
 
     loop = LoopConfig(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -320,11 +361,23 @@ def run_vlm_training(config: VLMTrainConfig, *, resume: bool = False) -> dict[st
     train_seconds = time.perf_counter() - train_started
     # Score the best epoch's parameters, as saved for chat.
     model = MissingAwareVLM.from_pretrained(output / "best", vlm)
-    score("present", test, True)
-    score("absent", absent, True)
-    told = _Questions([f"{STATUS_LINE}\n{q}" for q in test.questions], test.answers,
-                      test.labels, test.features, absent.present)  # fmt: skip
-    score("absent_status", told, False)
+    if choice_val is not None:
+        score("val", "absent", choice_val.without_images(), True)
+        score("val", "absent_status", choice_val.without_images(STATUS_LINE), False)
+    score("test", "present", test, True)
+    score("test", "absent", test.without_images(), True)
+    score("test", "absent_status", test.without_images(STATUS_LINE), False)
+    training = {
+        "steps": fitted.steps,
+        "seconds": train_seconds,
+        "steps_per_second": fitted.steps / max(train_seconds, 1e-9),
+        "history": fitted.history,
+        "trainable_parameters": fitted.trainable_parameters,
+        "frozen_parameters": fitted.frozen_parameters,
+    }
+    earlier = previous.get("training", {})
+    if previous.get("complete") and earlier.get("steps") == fitted.steps:
+        training = earlier  # a finished run resumed: nothing was trained, keep its timing
     results.update(
         complete=True,
         task="easy_vqa",
@@ -333,24 +386,33 @@ def run_vlm_training(config: VLMTrainConfig, *, resume: bool = False) -> dict[st
         sizes={
             "train": len(train_rows),
             "val": len(val_rows),
+            "choice_val": 0 if choice_val is None else len(choice_val.questions),
             "test": len(test.questions),
             "train_image_absent": int((~train.present).sum()),
         },
-        training={
-            "steps": fitted.steps,
-            "seconds": train_seconds,
-            "steps_per_second": fitted.steps / max(train_seconds, 1e-9),
-            "history": fitted.history,
-            "trainable_parameters": fitted.trainable_parameters,
-            "frozen_parameters": fitted.frozen_parameters,
-        },
+        training=training,
         models={"language_model": lm.name, "image_encoder": encoder.name},
         checkpoint=str(output / "best"),
-        seconds={"prepare": prepared, "total": time.perf_counter() - started},
+        seconds={
+            "prepare": prepared,
+            "total": time.perf_counter() - started,
+            **({"before_resume": previous["seconds"]["total"]} if "seconds" in previous else {}),
+        },
         versions={"python": platform.python_version(), "torch": torch.__version__},
     )
     atomic_write_text(results_path, json.dumps(results, indent=2))
     return results
+
+
+def _same_scores(previous: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether scores written under config `previous` hold for `current` (`_BOOKKEEPING` aside;
+    a field `previous` predates counts as its default)."""
+    defaults = asdict(VLMTrainConfig())
+    return all(
+        previous.get(name, defaults[name]) == value
+        for name, value in current.items()
+        if name not in _BOOKKEEPING
+    )
 
 
 def _timed(
@@ -359,17 +421,20 @@ def _timed(
     options: list[str],
     config: VLMTrainConfig,
     use_missing_tokens: bool,
+    split: str,
     condition: str,
 ) -> dict[str, float]:
     started = time.perf_counter()
     value = accuracy(
         model, data, options, config.eval_batch_size,
-        use_missing_tokens=use_missing_tokens, desc=condition,
+        use_missing_tokens=use_missing_tokens, desc=f"{split} {condition}",
     )  # fmt: skip
     seconds = time.perf_counter() - started
-    logger.info("test %s: accuracy %.4f (%d questions, %.0f s)", condition, value,
+    logger.info("%s %s: accuracy %.4f (%d questions, %.0f s)", split, condition, value,
                 len(data.questions), seconds)  # fmt: skip
-    return {"accuracy": value, "questions": len(data.questions), "seconds": seconds}
+    questions = len(data.questions)
+    return {"accuracy": value, "questions": questions, "correct": round(value * questions),
+            "seconds": seconds}  # fmt: skip
 
 
 def load_trained_vlm(

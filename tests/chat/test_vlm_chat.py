@@ -306,6 +306,35 @@ def test_rule_reads_the_recipe_results_and_says_they_are_test_scores(tmp_path: P
     assert scheduler.decide(Presence.of("text")).prompt == "status_text"
 
 
+def test_rule_prefers_the_validation_scores_over_the_test_scores(tmp_path: Path) -> None:
+    from mllm_missing.chat.vlm import build_vlm_scheduler, find_vlm
+
+    root = fake_checkpoint(tmp_path / "run")
+
+    def row(accuracy: float) -> dict[str, Any]:
+        return {"accuracy": accuracy, "questions": 1000}
+
+    results = {  # as the recipe writes them: test and validation disagree on the better prompt
+        "metric": "accuracy",
+        "test": {"present": row(0.75), "absent": row(0.40), "absent_status": row(0.45)},
+        "val": {"absent": row(0.44), "absent_status": row(0.38)},
+    }
+    (root / "results.json").write_text(json.dumps(results))
+    for kind in ("rule", "llm"):
+        scheduler, lines = build_vlm_scheduler(kind, find_vlm(root), llm=EvidenceLM("learned"))
+        assert "[val] accuracy: learned 0.440, status_text 0.380 (1000 questions)" in lines[1]
+        assert "test" not in lines[1].replace(str(tmp_path), "")
+        decision = scheduler.decide(Presence.of("text"))
+        assert decision.prompt == "learned"
+        assert "validation accuracy" in decision.rationale and "test" not in decision.rationale
+    only_one = {**results, "val": {"absent_status": row(0.38)}}
+    (root / "results.json").write_text(json.dumps(only_one))
+    scheduler, lines = build_vlm_scheduler("rule", find_vlm(root))
+    # One validation score is still validation: never mixed with the other's test score.
+    assert "[val]" in lines[1] and "not scored there: learned" in lines[1]
+    assert scheduler.decide(Presence.of("text")).prompt == "status_text"
+
+
 @pytest.mark.parametrize(
     ("extra", "kind", "expected"),
     [

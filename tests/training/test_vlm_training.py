@@ -32,16 +32,20 @@ CORPUS = [
 DIM = 16
 
 
-def make_model(seed: int = 0) -> MissingAwareVLM:
+def tiny_lm(seed: int = 0) -> FrozenCausalLM:
     from transformers import LlamaForCausalLM
 
     tokenizer = tiny_tokenizer(CORPUS)
     torch.manual_seed(seed)
-    lm = FrozenCausalLM(
+    return FrozenCausalLM(
         LlamaForCausalLM(tiny_llama_config(len(tokenizer), initializer_range=0.2)),
         tokenizer,
         name="tiny-llama",
     )
+
+
+def make_model(seed: int = 0) -> MissingAwareVLM:
+    lm = tiny_lm(seed)
     torch.manual_seed(seed + 1)
     return MissingAwareVLM(ProjectorVLM(lm, image_dim=DIM, num_image_tokens=3))
 
@@ -218,13 +222,14 @@ def test_recipe_runs_on_the_real_models(tmp_path: Path) -> None:
     from mllm_missing.training.vlm import run_vlm_training
 
     config = VLMTrainConfig(
-        train_size=8, val_size=4, test_size=4, batch_size=4, eval_batch_size=4,
-        checkpoint_every=1, conditions=("present", "absent", "text_only"),
+        train_size=8, val_size=4, choice_val_size=4, test_size=4, batch_size=4,
+        eval_batch_size=4, checkpoint_every=1, conditions=("present", "absent", "text_only"),
         output_dir=str(tmp_path / "run"),
     )  # fmt: skip
     results = run_vlm_training(config)
     assert results["training"]["steps"] == 2
     assert set(results["test"]) == {"present", "absent", "text_only"}
+    assert set(results["val"]) == {"absent"} and results["val"]["absent"]["questions"] == 4
     assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["train_size"] == 8
     assert (tmp_path / "run" / "best" / "projector" / "projector_model.safetensors").is_file()
     # The checkpoint loads onto the offline VLM for chat, with and without an image.
@@ -257,3 +262,128 @@ def test_interrupted_training_resumes_to_the_same_parameters(tmp_path: Path) -> 
     resumed = run(tmp_path / "resumed", 2)
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+# --- the recipe's run, on tiny models and synthetic questions -----------------------------------
+
+
+def fake_rows(rows: list[int]) -> _Questions:
+    """Synthetic easy-VQA questions for train-split `rows` (the same rows, the same questions)."""
+    from mllm_missing.data.easy_vqa import ANSWERS
+
+    labels = torch.tensor([r % len(ANSWERS) for r in rows])
+    features = torch.stack([torch.randn(DIM, generator=torch.Generator().manual_seed(r))
+                            for r in rows])  # fmt: skip
+    return _Questions(
+        questions=["what colour is the shape" if r % 2 else "what shape is it" for r in rows],
+        answers=[ANSWERS[i] for i in labels.tolist()],
+        labels=labels,
+        features=features,
+        present=torch.ones(len(rows), dtype=torch.bool),
+    )
+
+
+@pytest.fixture
+def tiny_recipe(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[int]]]:
+    """`run_vlm_training` on the tiny LM, a fake encoder and 60 synthetic questions per split;
+    returns the rows each split was loaded with."""
+    from types import SimpleNamespace
+
+    loaded: dict[str, list[list[int]]] = {"train": [], "test": []}
+
+    def load(config: Any, dataset: Any, split: str, rows: list[int], encoder: Any) -> _Questions:
+        loaded[split].append(list(rows))
+        return fake_rows(rows)
+
+    monkeypatch.setattr("mllm_missing.training.vlm._load", load)
+    monkeypatch.setattr("mllm_missing.backbones.hf.load_smollm2", lambda **kw: tiny_lm())
+    monkeypatch.setattr(
+        "mllm_missing.backbones.offline.load_default_image_encoder",
+        lambda **kw: SimpleNamespace(dim=DIM, name="fake"),
+    )
+    monkeypatch.setattr("mllm_missing.data.easy_vqa.load_easy_vqa", lambda **kw: range(60))
+    return loaded
+
+
+def test_recipe_scores_the_absent_options_on_validation_and_resume_adds_them(
+    tmp_path: Path, tiny_recipe: dict[str, list[list[int]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from mllm_missing.chat.vlm import build_vlm_scheduler, find_vlm
+    from mllm_missing.data.easy_vqa import ANSWERS
+    from mllm_missing.training.vlm import STATUS_LINE, run_vlm_training, subset_rows
+    from mllm_missing.types import Presence
+
+    output = tmp_path / "run"
+    config = VLMTrainConfig(
+        num_image_tokens=3, train_size=8, val_size=4, choice_val_size=0, test_size=4, batch_size=4,
+        eval_batch_size=4,
+        checkpoint_every=0, conditions=("present", "absent", "absent_status"),
+        output_dir=str(output),
+    )  # fmt: skip
+    first = run_vlm_training(config)  # a run that scored no validation questions
+    assert first["training"]["steps"] == 2 and first["val"] == {}
+    assert set(first["test"]) == {"present", "absent", "absent_status"}
+    # As written before the recipe had choice_val_size: no such field, no "val".
+    written = json.loads((output / "results.json").read_text())
+    del written["config"]["choice_val_size"], written["val"]
+    (output / "results.json").write_text(json.dumps(written))
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a finished run was trained or scored again")
+
+    monkeypatch.setattr(VLMTask, "loss", forbidden)
+    tiny_recipe["train"].clear()
+    scored: list[tuple[str, list[str], bool, bool]] = []
+
+    def spy(model: Any, data: _Questions, *args: Any, **kwargs: Any) -> float:
+        scored.append((kwargs["desc"], data.questions, bool(data.present.any()),
+                       kwargs["use_missing_tokens"]))  # fmt: skip
+        return accuracy(model, data, *args, **kwargs)
+
+    monkeypatch.setattr("mllm_missing.training.vlm.accuracy", spy)
+    resumed = run_vlm_training(replace(config, choice_val_size=6, checkpoint_every=1), resume=True)
+    assert resumed["test"] == first["test"]  # kept, not scored again
+    assert resumed["training"] == first["training"] and resumed["sizes"]["choice_val"] == 6
+    assert set(resumed["val"]) == {"absent", "absent_status"}
+    # Validation rows: train-split rows used neither for training nor for the epoch check.
+    train_rows, epoch_rows, choice_rows = tiny_recipe["train"]
+    assert choice_rows == subset_rows(60, 6, 0, skip=12)
+    assert not set(choice_rows) & (set(train_rows) | set(epoch_rows))
+    # Only the validation scores were computed: image absent, missing tokens / status line.
+    questions = fake_rows(choice_rows).questions
+    assert scored == [
+        ("val absent", questions, False, True),
+        ("val absent_status", [f"{STATUS_LINE}\n{q}" for q in questions], False, False),
+    ]
+    # The scores are those of the trained checkpoint.
+    model = MissingAwareVLM.from_pretrained(output / "best", make_model().vlm)
+    data = fake_rows(choice_rows)
+    options = list(ANSWERS)
+    expected = {
+        "absent": accuracy(model, data.without_images(), options, 4),
+        "absent_status": accuracy(
+            model, data.without_images(STATUS_LINE), options, 4, use_missing_tokens=False
+        ),
+    }
+    for condition, value in expected.items():
+        row = resumed["val"][condition]
+        assert row["accuracy"] == value and row["questions"] == 6
+        assert row["correct"] == round(value * 6)
+    assert json.loads((output / "results.json").read_text())["val"] == resumed["val"]
+    # Resuming again scores nothing; the chat's rule scheduler reads the validation scores.
+    monkeypatch.setattr("mllm_missing.training.vlm.accuracy", forbidden)
+    again = run_vlm_training(replace(config, choice_val_size=6), resume=True)
+    assert again["val"] == resumed["val"]
+    _, lines = build_vlm_scheduler("rule", find_vlm(output))
+    assert f"[val] accuracy: learned {expected['absent']:.3f}" in lines[1]
+    assert "(6 questions)" in lines[1] and "not an evaluation" not in lines[1]
+    scheduler, _ = build_vlm_scheduler("rule", find_vlm(output))
+    assert "validation accuracy" in scheduler.decide(Presence.of("text")).rationale
+
+
+def test_choice_val_size_zero_or_more(tmp_path: Path) -> None:
+    assert VLMTrainConfig(choice_val_size=0).choice_val_size == 0
+    with pytest.raises(ConfigError, match="choice_val_size"):
+        VLMTrainConfig(choice_val_size=-1)
