@@ -129,6 +129,7 @@ class MissingModalityModel(nn.Module):
         (folder / MODEL_CONFIG).write_text(json.dumps(self.spec, indent=2), encoding="utf-8")
         state = {k: v.detach().contiguous().cpu() for k, v in self.classifier.state_dict().items()}
         save_file(state, str(folder / HEAD_WEIGHTS))
+        self.classifier.imputation.save_files(folder)
         self.strategy.save_files(folder)
 
     @classmethod
@@ -162,6 +163,7 @@ class MissingModalityModel(nn.Module):
             raise DataFormatError(f"{head}: not found")
         self.strategy.load_files(folder)
         self.classifier.load_state_dict(load_file(str(head)))
+        self.classifier.imputation.load_files(folder)
 
 
 def build_model(

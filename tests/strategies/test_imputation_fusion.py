@@ -212,3 +212,29 @@ def test_knn_fills_with_the_neighbours_of_the_present_modality() -> None:
     assert torch.allclose(filled[Modality.IMAGE][1], torch.full((6,), 2.0))
     with pytest.raises(ConfigError, match="imputation.k"):
         ImputationConfig("knn", k=0)
+
+
+def test_a_saved_knn_model_brings_its_memory_bank_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A knn checkpoint predicts as before after reloading (its bank is saved with it), and a
+    folder without the bank is refused by name."""
+    import shutil
+
+    pytest.importorskip("open_clip")
+    from mllm_missing.model import MissingModalityModel
+    from mllm_missing.strategies.imputation.module import KNN_BANK_FOLDER
+    from mllm_missing.strategies.testing import tiny_classifier, tiny_clip
+
+    model = tiny_classifier(imputation="knn")
+    train = {Modality.IMAGE: torch.randn(8, 32), Modality.TEXT: torch.randn(8, 32)}
+    model.classifier.imputation.fit(train, torch.ones(8, 3, dtype=torch.bool))
+    rows = torch.tensor([[False, True, False], [True, False, False], [True, True, False]])
+    queries = {m: torch.randn(3, 32) * rows[:, i : i + 1] for i, m in enumerate(train)}
+    with torch.no_grad():
+        expected = model(queries, rows)
+    model.save_pretrained(tmp_path / "saved")
+    again = MissingModalityModel.from_pretrained(tmp_path / "saved", backbone=tiny_clip())
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(queries, rows), expected)
+    shutil.rmtree(tmp_path / "saved" / KNN_BANK_FOLDER)
+    with pytest.raises(FileNotFoundError, match="no memory bank"):
+        MissingModalityModel.from_pretrained(tmp_path / "saved", backbone=tiny_clip())

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +24,8 @@ from mllm_missing.strategies.imputation.config import ImputationConfig
 from mllm_missing.types import MODALITY_ORDER, Modality
 
 IMPUTATIONS: Registry[type[Imputation]] = Registry("imputation")
+#: Folder of the knn imputation's memory bank inside a saved model.
+KNN_BANK_FOLDER = "imputation_bank"
 
 
 def _column(modality: Modality) -> int:
@@ -121,6 +124,14 @@ class Imputation(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters this module trains."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def save_files(self, folder: Path) -> None:
+        """Write what the state dict cannot hold into a saved model's `folder` (default: none)."""
+        del folder
+
+    def load_files(self, folder: Path) -> None:
+        """Read what `save_files` wrote."""
+        del folder
 
 
 @IMPUTATIONS.register("zero")
@@ -267,7 +278,7 @@ class KnnImputation(Imputation):
 
     `fit` builds the memory bank from the training rows (only modalities a row has enter the
     bank, so a sample never lends its own hidden input). The bank is not part of the state dict:
-    refit it, or save it with `bank.save` and set `bank` from `MemoryBank.load`.
+    a saved model keeps it in ``imputation_bank/`` (`save_files`), memory-mapped back on load.
     """
 
     description = (
@@ -301,6 +312,21 @@ class KnnImputation(Imputation):
             raise RuntimeError("knn imputation is used before fit(); call fit on training data")
         reference = embeddings[modality]
         return self.bank.impute(modality, embeddings, presence).to(reference)
+
+    def save_files(self, folder: Path) -> None:
+        """The memory bank, in ``imputation_bank/``."""
+        if self.bank is None:
+            raise RuntimeError("knn imputation has no memory bank to save; call fit first")
+        self.bank.save(Path(folder) / KNN_BANK_FOLDER)
+
+    def load_files(self, folder: Path) -> None:
+        """Memory-map the bank back."""
+        from mllm_missing.strategies.retrieval import MemoryBank
+
+        path = Path(folder) / KNN_BANK_FOLDER
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no memory bank (knn imputation needs it)")
+        self.bank = MemoryBank.load(path, mmap=True)
 
 
 def build_imputation(config: ImputationConfig, dims: Mapping[Modality, int]) -> Imputation:
