@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch
 
 from mllm_missing.errors import ConfigError, DataFormatError
 
-__all__ = ["PairedResult", "compare_folders", "main", "paired_difference"]
+__all__ = ["PairedResult", "compare_folders", "main", "paired_difference", "setting_key"]
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -94,12 +95,24 @@ def paired_difference(
     )
 
 
+def setting_key(slug: str) -> str:
+    """A setting's slug without its mask seed (``both-0.70-b0.50-s1`` -> ``both-0.70-b0.50``),
+    so folders scored with different seeds pair up by setting."""
+    return re.sub(r"-s\d+$", "", slug)
+
+
+def _kept(folder: Path, method: str) -> dict[str, Path]:
+    """Setting key -> the file of `method`'s kept predictions in `folder`."""
+    return {setting_key(p.stem): p for p in (folder / "logits" / method).glob("*.pt")}
+
+
 def _predictions(folder: Path, method: str, setting: str) -> dict[str, torch.Tensor]:
-    path = folder / "logits" / method / f"{setting}.pt"
-    if not path.is_file():
+    path = _kept(folder, method).get(setting_key(setting))
+    if path is None:
         known = sorted(p.name for p in (folder / "logits").glob("*")) or ["none"]
         raise DataFormatError(
-            f"{path}: not found (methods with kept predictions in {folder}: {', '.join(known)})"
+            f"{folder}: no predictions of {method} in {setting} (methods with kept predictions: "
+            f"{', '.join(known)})"
         )
     loaded: dict[str, torch.Tensor] = torch.load(path)
     return loaded
@@ -127,13 +140,13 @@ def _task_metric(folders: Sequence[Path]) -> tuple[str, Metric]:
 
 
 def common_settings(folders: Sequence[Path], a: str, b: str) -> list[str]:
-    """The setting slugs with kept predictions of both methods in every folder."""
-    slugs = None
+    """The settings (`setting_key`) with kept predictions of both methods in every folder."""
+    keys: set[str] | None = None
     for folder in folders:
         for method in (a, b):
-            found = {p.stem for p in (folder / "logits" / method).glob("*.pt")}
-            slugs = found if slugs is None else slugs & found
-    return sorted(slugs or ())
+            found = set(_kept(folder, method))
+            keys = found if keys is None else keys & found
+    return sorted(keys or ())
 
 
 def compare_folders(
@@ -146,7 +159,8 @@ def compare_folders(
     seed: int = 0,
 ) -> tuple[str, PairedResult]:
     """The headline metric's name and the paired difference of methods `a` and `b` in
-    `setting` (a slug such as ``both-70``) over eval output `folders`.
+    `setting` (a slug such as ``both-0.70-b0.50``, with or without its ``-s<seed>``) over
+    eval output `folders`.
 
     Raises:
         DataFormatError: a folder lacks a method's predictions, or the two methods were scored
@@ -177,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", help="eval output folders (e.g. one per seed)")
     parser.add_argument("--a", required=True, help="the reference checkpoint's name")
     parser.add_argument("--b", required=True, help="the compared checkpoint's name")
-    parser.add_argument("--setting", action="append", help="setting slug, e.g. both-70 (all)")
+    parser.add_argument(
+        "--setting", action="append", help="setting, e.g. both-0.70-b0.50 (default: all)"
+    )
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     args = parser.parse_args(argv)

@@ -62,11 +62,11 @@ def test_runs_are_pooled_by_their_mean_difference() -> None:
         paired_difference([(runs[0][0], runs[0][1], runs[0][2][:10])], accuracy)
 
 
-def write_folder(folder: Path, methods: dict[str, tuple[torch.Tensor, ...]]) -> Path:
+def write_folder(folder: Path, methods: dict[str, tuple[torch.Tensor, ...]], seed: int = 0) -> Path:
     (folder / "eval_config.json").parent.mkdir(parents=True, exist_ok=True)
     (folder / "eval_config.json").write_text(json.dumps({"task": "easy_vqa"}))
     for name, (labels, logits, presence) in methods.items():
-        path = folder / "logits" / name / "both-70.pt"
+        path = folder / "logits" / name / f"both-0.70-b0.50-s{seed}.pt"
         path.parent.mkdir(parents=True)
         torch.save({"labels": labels, "logits": logits, "presence": presence}, path)
     return folder
@@ -80,20 +80,29 @@ def test_folders_are_compared_and_mismatches_refused(
     good = write_folder(
         tmp_path / "seed0", {"zero": (labels, first, presence), "knn": (labels, second, presence)}
     )
-    name, result = compare_folders([good], "zero", "knn", "both-70", n_resamples=100)
+    name, result = compare_folders([good], "zero", "knn", "both-0.70-b0.50", n_resamples=100)
     assert name == "accuracy" and result.difference == pytest.approx(0.03, abs=1e-6)
     assert main([str(good), "--a", "zero", "--b", "knn", "--resamples", "100"]) == 0
     table = capsys.readouterr().out
-    assert "| both-70 (accuracy) | 1 |" in table and "+3.00" in table
+    assert "| both-0.70-b0.50 (accuracy) | 1 |" in table and "+3.00" in table
+    # Folders scored with other mask seeds pair up by setting.
+    labels1, first1, second1 = run(300, 90, 0, seed=1)
+    seed1 = write_folder(
+        tmp_path / "seed1",
+        {"zero": (labels1, first1, presence), "knn": (labels1, second1, presence)},
+        seed=1,
+    )
+    _, pooled = compare_folders([good, seed1], "zero", "knn", "both-0.70-b0.50-s0")
+    assert pooled.per_run == pytest.approx((0.03, 0.0), abs=1e-6)
 
     other = presence.clone()
     other[0, 0] = False
     bad = write_folder(
-        tmp_path / "seed1", {"zero": (labels, first, presence), "knn": (labels, second, other)}
+        tmp_path / "bad", {"zero": (labels, first, presence), "knn": (labels, second, other)}
     )
     with pytest.raises(DataFormatError, match="different presence"):
-        compare_folders([bad], "zero", "knn", "both-70")
-    with pytest.raises(DataFormatError, match="methods with kept predictions in .*: knn, zero"):
-        compare_folders([good], "zero", "translator", "both-70")
+        compare_folders([bad], "zero", "knn", "both-0.70-b0.50")
+    with pytest.raises(DataFormatError, match="no predictions of translator .*: knn, zero"):
+        compare_folders([good], "zero", "translator", "both-0.70-b0.50")
     assert main([str(good), "--a", "zero", "--b", "translator"]) == 2
     assert "no setting has predictions of both" in capsys.readouterr().err
