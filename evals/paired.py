@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mllm_missing.errors import ConfigError, DataFormatError
+from mllm_missing.types import Presence
 
 __all__ = ["PairedResult", "compare_folders", "main", "paired_difference", "setting_key"]
 
@@ -155,12 +156,14 @@ def compare_folders(
     b: str,
     setting: str,
     *,
+    pattern: str | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> tuple[str, PairedResult]:
     """The headline metric's name and the paired difference of methods `a` and `b` in
     `setting` (a slug such as ``both-0.70-b0.50``, with or without its ``-s<seed>``) over
-    eval output `folders`.
+    eval output `folders`; with `pattern` (e.g. ``text``: the image is missing), only the
+    samples of that presence pattern.
 
     Raises:
         DataFormatError: a folder lacks a method's predictions, or the two methods were scored
@@ -177,7 +180,17 @@ def compare_folders(
                     f"{folder}: {a} and {b} were scored on different {key} in {setting}; "
                     "a paired comparison needs the same samples and masks"
                 )
-        runs.append((first["labels"], first["logits"].float(), second["logits"].float()))
+        rows = torch.arange(len(first["labels"]))
+        if pattern is not None:
+            patterns = [Presence.from_flags(r).pattern for r in first["presence"].tolist()]
+            rows = torch.tensor(
+                [i for i, p in enumerate(patterns) if p == pattern], dtype=torch.long
+            )
+            if not len(rows):
+                raise DataFormatError(f"{folder}: no sample of pattern {pattern!r} in {setting}")
+        runs.append(
+            (first["labels"][rows], first["logits"][rows].float(), second["logits"][rows].float())
+        )
     return name, paired_difference(runs, metric, n_resamples=n_resamples, seed=seed)
 
 
@@ -194,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--setting", action="append", help="setting, e.g. both-0.70-b0.50 (default: all)"
     )
+    parser.add_argument(
+        "--by-pattern",
+        action="store_true",
+        help="also one row per presence pattern (image+text, image, text)",
+    )
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     args = parser.parse_args(argv)
@@ -203,17 +221,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataFormatError(f"no setting has predictions of both {args.a} and {args.b}")
         print(f"| setting | runs | {args.a} | {args.b} | {args.b} - {args.a} [95 % CI] | per run |")
         print("|---|---:|---:|---:|---:|---|")
+        patterns: list[str | None] = [None]
+        if args.by_pattern:
+            patterns += ["image+text", "image", "text"]
         for setting in settings:
-            name, result = compare_folders(
-                args.folders, args.a, args.b, setting, n_resamples=args.resamples, seed=args.seed
-            )
-            low, high = result.ci95
-            runs = ", ".join(f"{100 * d:+.2f}" for d in result.per_run)
-            print(
-                f"| {setting} ({name}) | {len(result.per_run)} | {100 * result.a:.2f} | "
-                f"{100 * result.b:.2f} | {100 * result.difference:+.2f} "
-                f"[{100 * low:+.2f}, {100 * high:+.2f}] | {runs} |"
-            )
+            for pattern in patterns:
+                try:
+                    name, result = compare_folders(
+                        args.folders, args.a, args.b, setting, pattern=pattern,
+                        n_resamples=args.resamples, seed=args.seed,
+                    )  # fmt: skip
+                except DataFormatError:
+                    if pattern is None:
+                        raise
+                    continue  # the setting has no sample of this pattern
+                low, high = result.ci95
+                runs = ", ".join(f"{100 * d:+.2f}" for d in result.per_run)
+                label = setting + (f", {pattern} only" if pattern else "")
+                print(
+                    f"| {label} ({name}) | {len(result.per_run)} | {100 * result.a:.2f} | "
+                    f"{100 * result.b:.2f} | {100 * result.difference:+.2f} "
+                    f"[{100 * low:+.2f}, {100 * high:+.2f}] | {runs} |"
+                )
     except (ConfigError, DataFormatError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

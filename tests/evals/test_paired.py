@@ -76,7 +76,7 @@ def test_folders_are_compared_and_mismatches_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     labels, first, second = run(300, 90, 9)
-    presence = torch.ones(300, 3, dtype=torch.bool)
+    presence = torch.tensor([[True, True, False]]).repeat(300, 1)
     good = write_folder(
         tmp_path / "seed0", {"zero": (labels, first, presence), "knn": (labels, second, presence)}
     )
@@ -94,6 +94,23 @@ def test_folders_are_compared_and_mismatches_refused(
     )
     _, pooled = compare_folders([good, seed1], "zero", "knn", "both-0.70-b0.50-s0")
     assert pooled.per_run == pytest.approx((0.03, 0.0), abs=1e-6)
+
+    # Per presence pattern: a's errors b fixes all lie in the rows marked image-only here.
+    only_image = presence.clone()
+    fixed = (second.argmax(1) == labels) & (first.argmax(1) != labels)
+    only_image[fixed, 1] = False
+    patterned = write_folder(
+        tmp_path / "patterns",
+        {"zero": (labels, first, only_image), "knn": (labels, second, only_image)},
+    )
+    _, image_rows = compare_folders([patterned], "zero", "knn", "both-0.70-b0.50", pattern="image")
+    _, complete = compare_folders(
+        [patterned], "zero", "knn", "both-0.70-b0.50", pattern="image+text"
+    )
+    assert image_rows.difference == pytest.approx(1.0) and complete.difference == 0.0
+    assert image_rows.samples == (9,)
+    assert main([str(patterned), "--a", "zero", "--b", "knn", "--by-pattern"]) == 0
+    assert "image only (accuracy) | 1 | 0.00 | 100.00 | +100.00" in capsys.readouterr().out
 
     other = presence.clone()
     other[0, 0] = False
