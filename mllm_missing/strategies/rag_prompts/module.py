@@ -64,7 +64,6 @@ class RagPrompts(PromptStrategy):
             )
         self.cases = case_names(self.data_modalities)
         self.stand_in_dims = {m: backbone.embed_dim(m) for m in self.data_modalities}
-        context_dim = sum(self.stand_in_dims.values())
         self.case_prompts = nn.ParameterDict()
         self.generators = nn.ModuleDict()
         for m in self.towers:
@@ -77,7 +76,7 @@ class RagPrompts(PromptStrategy):
             else:
                 nn.init.normal_(out.weight, std=config.init_std)
             self.generators[m.value] = nn.Sequential(
-                nn.Linear(context_dim, config.hidden_size), nn.GELU(), out
+                nn.Linear(self.context_dim, config.hidden_size), nn.GELU(), out
             )
         self.bank: MemoryBank | None = None
 
