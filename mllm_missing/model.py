@@ -179,7 +179,10 @@ def build_model(
         dims: embedding width of each dataset modality.
     """
     modalities = [Modality.parse(m) for m in spec["modalities"]]
-    strategy = build_strategy(strategy_config_from_dict(spec["strategy"]), backbone, modalities)
+    strategy = build_strategy(
+        strategy_config_from_dict(spec["strategy"]), backbone, modalities,
+        num_labels=spec["num_labels"],
+    )  # fmt: skip
     imputation = build_imputation(ImputationConfig(method=spec.get("imputation", "zero")), dims)
     fusion_config = FusionConfig(
         method=spec.get("fusion", "concat"), hidden_size=spec["hidden_size"]

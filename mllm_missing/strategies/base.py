@@ -188,6 +188,9 @@ class Strategy(nn.Module):
     #: Whether `encode` needs a retrieval context (`retrieval_context`) next to the presence:
     #: such a strategy is fitted on the training split's frozen embeddings (`fit_retrieval`).
     retrieves: ClassVar[bool] = False
+    #: Whether the constructor takes the task's ``num_labels`` (a strategy that reads its
+    #: neighbours' labels sizes its layers by it); `build_strategy` passes it to such classes.
+    takes_num_labels: ClassVar[bool] = False
 
     def supports(self, backbone: Backbone, modality: Modality) -> bool:
         """Whether this strategy can act on `modality`'s tower (prompts need blocks)."""
@@ -215,6 +218,9 @@ class Strategy(nn.Module):
         embeddings: Mapping[Modality, torch.Tensor],
         presence: torch.Tensor,
         ids: Sequence[str],
+        *,
+        groups: Sequence[str] | None = None,
+        labels: torch.Tensor | None = None,
     ) -> None:
         """Index the training split's frozen embeddings (a no-op unless `retrieves`).
 
@@ -222,24 +228,30 @@ class Strategy(nn.Module):
             embeddings: modality -> (n, dim) frozen (unadapted) embeddings, absent rows zero.
             presence: bool (n, 3) in `MODALITY_ORDER`.
             ids: the n sample ids.
+            groups: optional n group names: rows that share an input (the questions about one
+                image) share a group, and a training row never retrieves its own group, as a
+                test row never finds its own input in the index.
+            labels: optional n targets (class indices, multi-hot rows or 0/1 values), for a
+                strategy that reads its neighbours' labels.
         """
-        del embeddings, presence, ids
+        del embeddings, presence, ids, groups, labels
 
     def retrieval_context(
         self,
         embeddings: Mapping[Modality, torch.Tensor],
         presence: torch.Tensor,
-        exclude_ids: Sequence[str | None] | None = None,
+        exclude_groups: Sequence[str | None] | None = None,
     ) -> torch.Tensor | None:
         """The per-row context `encode` needs (None unless `retrieves`).
 
         Args:
             embeddings: modality -> (batch, dim) frozen embeddings of the rows, absent rows zero.
             presence: bool (batch, 3) in `MODALITY_ORDER`.
-            exclude_ids: per row, an id it must not retrieve (leave-one-out on the split the
-                index was fitted on).
+            exclude_groups: per row, the group (see `fit_retrieval`) whose entries it must not
+                retrieve: its own, for rows of the data the index was fitted on. Fitted
+                without groups, a row's group is its id (leave-one-out).
         """
-        del embeddings, presence, exclude_ids
+        del embeddings, presence, exclude_groups
         return None
 
     def encode(
@@ -292,10 +304,20 @@ class NoStrategy(Strategy):
 
 
 def build_strategy(
-    config: StrategyConfig, backbone: Backbone, modalities: Sequence[Modality | str]
+    config: StrategyConfig,
+    backbone: Backbone,
+    modalities: Sequence[Modality | str],
+    *,
+    num_labels: int | None = None,
 ) -> Strategy:
-    """Build the strategy of `config` for `backbone` over the dataset's `modalities`."""
+    """Build the strategy of `config` for `backbone` over the dataset's `modalities`
+    (`num_labels`, the task's label count, reaches the strategies that `takes_num_labels`)."""
     module_name, _, attr = config.module.partition(":")
     cls = getattr(importlib.import_module(module_name), attr)
-    strategy: Strategy = cls(config, backbone, [Modality.parse(m) for m in modalities])
+    parsed = [Modality.parse(m) for m in modalities]
+    strategy: Strategy
+    if cls.takes_num_labels:
+        strategy = cls(config, backbone, parsed, num_labels=num_labels)
+    else:
+        strategy = cls(config, backbone, parsed)
     return strategy

@@ -87,13 +87,22 @@ def _outputs(
     return {m: strategy.encode(backbone, m, x, presence, context).pooled for m, x in inputs.items()}
 
 
+#: The label count the battery builds strategies with (and labels its index rows over).
+BATTERY_LABELS = 3
+
+
 def _fit(strategy: Strategy, frozen: Mapping[Modality, torch.Tensor]) -> Strategy:
-    """Fit a retrieving strategy's index on the complete rows' frozen embeddings."""
+    """Fit a retrieving strategy's index on the complete rows' frozen embeddings, rows paired
+    into groups and labelled by position."""
     if strategy.retrieves:
         rows = len(next(iter(frozen.values())))
         presence = torch.zeros(rows, len(MODALITY_ORDER), dtype=torch.bool)
         presence[:, [MODALITY_ORDER.index(m) for m in frozen]] = True
-        strategy.fit_retrieval(frozen, presence, [f"bank-{i}" for i in range(rows)])
+        strategy.fit_retrieval(
+            frozen, presence, [f"bank-{i}" for i in range(rows)],
+            groups=[f"group-{i // 2}" for i in range(rows)],
+            labels=torch.arange(rows) % BATTERY_LABELS,
+        )  # fmt: skip
     return strategy
 
 
@@ -113,7 +122,7 @@ def check_strategy(
         modalities: the dataset's modalities (the missing cases).
     """
     backbone = make_backbone()
-    strategy = build_strategy(config, backbone, modalities)
+    strategy = build_strategy(config, backbone, modalities, num_labels=BATTERY_LABELS)
     name = config.method
     inputs = {m: backbone.prepare(m, list(x)) for m, x in raw.items()}
     rows = len(next(iter(raw.values())))
@@ -165,7 +174,7 @@ def check_strategy(
         with tempfile.TemporaryDirectory() as folder:
             strategy.save_files(Path(folder))
             fresh_backbone = make_backbone()
-            reloaded = build_strategy(config, fresh_backbone, modalities)
+            reloaded = build_strategy(config, fresh_backbone, modalities, num_labels=BATTERY_LABELS)
             reloaded.load_files(Path(folder))
             again = _outputs(reloaded, fresh_backbone, inputs, presence, plain)
         for m in inputs:
@@ -175,7 +184,10 @@ def check_strategy(
 
         zero_config = dataclasses.replace(config, init="zero")
         zero_backbone = make_backbone()
-        zero = _fit(build_strategy(zero_config, zero_backbone, modalities), plain)
+        zero_strategy = build_strategy(
+            zero_config, zero_backbone, modalities, num_labels=BATTERY_LABELS
+        )
+        zero = _fit(zero_strategy, plain)
         for m, out in _outputs(zero, zero_backbone, inputs, presence, plain).items():
             assert torch.allclose(out, plain[m], atol=1e-5, rtol=1e-5), (
                 f"{name}: init=zero changed the {m.value} tower's outputs"

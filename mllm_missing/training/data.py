@@ -22,7 +22,14 @@ from mllm_missing.missing import MissingConfig, get_mask_table
 from mllm_missing.model import MissingModalityModel
 from mllm_missing.types import MODALITY_ORDER, Modality, presence_codes
 
-__all__ = ["SplitData", "embed_rows", "load_split", "placeholder", "retrieval_context"]
+__all__ = [
+    "SplitData",
+    "embed_rows",
+    "load_split",
+    "placeholder",
+    "retrieval_context",
+    "row_groups",
+]
 
 
 @dataclass
@@ -39,6 +46,9 @@ class SplitData:
         features: modality -> (n, dim) frozen embeddings, absent rows zero (unadapted towers).
         frozen: modality -> (n, dim) frozen embeddings of the adapted towers, absent rows zero,
             kept only for a strategy that retrieves (its queries are frozen embeddings).
+        groups: per row, the group of rows that share an input (easy-VQA's questions about
+            one image share its image id; elsewhere each row is its own group), which
+            leave-one-out retrieval on the training split leaves out together.
     """
 
     name: str
@@ -49,6 +59,7 @@ class SplitData:
     keys: dict[Modality, list[str]]
     features: dict[Modality, torch.Tensor] = field(default_factory=dict)
     frozen: dict[Modality, torch.Tensor] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)
     _first_row: dict[Modality, dict[str, int]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -79,6 +90,14 @@ def placeholder(modality: Modality) -> Any:
 
         return Image.new("RGB", (224, 224), (128, 128, 128))
     return np.zeros(16000, dtype=np.float32)
+
+
+def row_groups(dataset: Any, ids: list[str]) -> list[str]:
+    """Per row, its group of rows that share an input: the image id where the dataset has one
+    (easy-VQA's questions about one image), else the row's own id."""
+    if "image_id" in dataset.column_names:
+        return [str(g) for g in dataset["image_id"]]
+    return list(ids)
 
 
 def _key_column(dataset: Any, modality: Modality) -> str:
@@ -119,7 +138,7 @@ def load_split(
     labels = torch.as_tensor(np.asarray(dataset["label"]))
     labels = labels.long() if task.task_type.value == "multiclass" else labels.float()
     keys = {m: [str(k) for k in dataset[_key_column(dataset, m)]] for m in task.modalities}
-    split = SplitData(name, dataset, ids, labels, presence, keys)
+    split = SplitData(name, dataset, ids, labels, presence, keys, groups=row_groups(dataset, ids))
     feature_dir = cache_root(cache_dir) / "features"
     backbone = model.backbone
     for m in task.modalities:
@@ -151,10 +170,14 @@ def retrieval_context(
     model: MissingModalityModel, split: SplitData, rows: torch.Tensor
 ) -> torch.Tensor | None:
     """The strategy's retrieval context of `rows` (None unless it retrieves). On the training
-    split, which the strategy's index was fitted on, a row never retrieves itself."""
+    split, which the strategy's index was fitted on, a row never retrieves its own group (itself
+    and the rows sharing its input), nor does a validation row: a validation split is either
+    held out of train (easy-VQA's shares train's images) or one whose group names, its sample
+    ids, no training row has. A test row's own input is never in the index."""
     if not model.strategy.retrieves:
         return None
-    exclude = [split.ids[r] for r in rows.tolist()] if split.name == "train" else None
+    own_data = split.name in ("train", "val")
+    exclude = [split.groups[r] for r in rows.tolist()] if own_data else None
     return model.strategy.retrieval_context(
         split.frozen_embeddings(rows), split.presence[rows], exclude
     )

@@ -327,8 +327,9 @@ def run_training(
     model.classifier.imputation.fit(train.features, train.presence)
     if model.strategy.retrieves:
         model.strategy.fit_retrieval(
-            train.frozen_embeddings(torch.arange(len(train))), train.presence, train.ids
-        )
+            train.frozen_embeddings(torch.arange(len(train))), train.presence, train.ids,
+            groups=train.groups, labels=train.labels,
+        )  # fmt: skip
     supervised = SupervisedTask(model, task, splits["train"], splits["val"])
     # The loop's settings are TrainConfig fields of the same names.
     names = [f.name for f in fields(LoopConfig) if f.name != "output_dir"]

@@ -70,6 +70,7 @@ RETRIEVING_CONFIGS: list[dict[str, Any]] = [
         "bank_dtype": "float32",
     },
     {"method": "rag_prompts", "prompt_length": 2, "hidden_size": 8, "retrieval": False},
+    {"method": "rag_prompts", "prompt_length": 2, "hidden_size": 8, "label_context": True},
 ]
 
 

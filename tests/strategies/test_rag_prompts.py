@@ -1,5 +1,6 @@
-"""Retrieval-augmented prompts: what is retrieved, leave-one-out, the ablation, saving, refusals,
-and the same predictions through the inference engine as by hand."""
+"""Retrieval-augmented prompts: what is retrieved, leave-one-out (of a row and of its group), the
+neighbours' labels, the ablation, saving, refusals, and the same predictions through the
+inference engine as by hand."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from mllm_missing.strategies.rag_prompts.module import BANK_FOLDER
 from mllm_missing.types import Modality
 
 IMAGE, TEXT = Modality.IMAGE, Modality.TEXT
+LABELS = 3
 pytest.importorskip("open_clip")
 
 
@@ -32,7 +34,8 @@ def tiny_backbone() -> Any:
 def strategy(**fields: Any) -> RagPrompts:
     values = {"method": "rag_prompts", "prompt_length": 2, "hidden_size": 8, "k": 1}
     values.update({"bank_dtype": "float32", **fields})
-    built = build_strategy(strategy_config_from_dict(values), tiny_backbone(), (IMAGE, TEXT))
+    config = strategy_config_from_dict(values)
+    built = build_strategy(config, tiny_backbone(), (IMAGE, TEXT), num_labels=LABELS)
     assert isinstance(built, RagPrompts)
     return built
 
@@ -85,7 +88,7 @@ def test_a_training_row_never_retrieves_itself() -> None:
     queries = {IMAGE: bank[IMAGE][3:4], TEXT: torch.zeros(1, 32)}
     own = rag.retrieval_context(queries, presence((True, False)))
     assert torch.allclose(own[0, 32:], F.normalize(bank[TEXT][3], dim=0))
-    held_out = rag.retrieval_context(queries, presence((True, False)), exclude_ids=["e3"])
+    held_out = rag.retrieval_context(queries, presence((True, False)), exclude_groups=["e3"])
     assert not torch.allclose(held_out[0, 32:], own[0, 32:])
 
 
@@ -208,3 +211,96 @@ def test_engine_predictions_equal_the_model_by_hand() -> None:
             expected = model(embeddings, rows)[0]
         torch.testing.assert_close(prediction.logits, expected, atol=1e-4, rtol=1e-4)
     assert samples[0].presence != samples[1].presence
+
+
+# Label context: entries e0..e5 in groups g0 (e0, e1), g1 (e2, e3), g2 (e4, e5), labelled
+# 0, 1, 2, 0, 1, 2.
+GROUPS = ["g0", "g0", "g1", "g1", "g2", "g2"]
+
+
+def labelled(**fields: Any) -> tuple[RagPrompts, dict[Modality, torch.Tensor]]:
+    rag = strategy(label_context=True, **fields)
+    bank = bank_embeddings()
+    rag.fit_retrieval(
+        bank, presence(*[(True, True)] * 6), [f"e{i}" for i in range(6)],
+        groups=GROUPS, labels=torch.tensor([0, 1, 2, 0, 1, 2]),
+    )  # fmt: skip
+    return rag, bank
+
+
+def nearest(bank: torch.Tensor, query: torch.Tensor, k: int, skip: set[int]) -> list[int]:
+    """The k entries of `bank` with the highest cosine to `query`, leaving out `skip`."""
+    scores = F.normalize(bank, dim=1) @ F.normalize(query, dim=0)
+    order = [i for i in scores.argsort(descending=True).tolist() if i not in skip]
+    return order[:k]
+
+
+def test_label_context_is_the_neighbours_label_mean_for_each_present_modality() -> None:
+    rag, bank = labelled(k=2)
+    assert rag.context_dim == 64 + 2 * LABELS
+    query_image, query_text = bank[IMAGE][2] + 0.3, bank[TEXT][5] - 0.2
+    queries = {
+        IMAGE: torch.stack([query_image, query_image]),
+        TEXT: torch.stack([query_text, torch.zeros(32)]),
+    }
+    rows = presence((True, True), (True, False))
+    context = rag.retrieval_context(queries, rows)
+    labels = F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), LABELS).float()
+    by_image = labels[nearest(bank[IMAGE], query_image, 2, set())].mean(0)
+    by_text = labels[nearest(bank[TEXT], query_text, 2, set())].mean(0)
+    image_slot, text_slot = slice(64, 64 + LABELS), slice(64 + LABELS, 64 + 2 * LABELS)
+    torch.testing.assert_close(context[0, image_slot], by_image)
+    torch.testing.assert_close(context[0, text_slot], by_text)
+    torch.testing.assert_close(context[1, image_slot], by_image)
+    assert not context[1, text_slot].any()  # no text: nothing retrieved by it
+    assert not context[0, :64].any()  # complete: no stand-in, labels only
+
+
+def test_a_training_row_never_retrieves_its_own_group() -> None:
+    rag, bank = labelled(k=2)
+    # Entry e2's own image; its group g1 (e2, e3) must be left out as a whole.
+    queries = {IMAGE: bank[IMAGE][2:3], TEXT: torch.zeros(1, 32)}
+    context = rag.retrieval_context(queries, presence((True, False)), exclude_groups=["g1"])
+    labels = F.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), LABELS).float()
+    expected = labels[nearest(bank[IMAGE], bank[IMAGE][2], 2, {2, 3})].mean(0)
+    torch.testing.assert_close(context[0, 64 : 64 + LABELS], expected)
+    stand_in = bank[TEXT][nearest(bank[IMAGE], bank[IMAGE][2], 2, {2, 3})].mean(0)
+    torch.testing.assert_close(context[0, 32:64], F.normalize(stand_in, dim=0))
+
+
+def test_label_context_refusals() -> None:
+    config = strategy_config_from_dict(
+        {"method": "rag_prompts", "prompt_length": 2, "hidden_size": 8, "label_context": True}
+    )
+    with pytest.raises(ConfigError, match="label_context needs the task's number of labels"):
+        build_strategy(config, tiny_backbone(), (IMAGE, TEXT))
+    with pytest.raises(ConfigError, match="label_context must be bool"):
+        strategy_config_from_dict({"method": "rag_prompts", "label_context": "yes"})
+    rag = strategy(label_context=True)
+    with pytest.raises(ValueError, match="needs the training labels"):
+        rag.fit_retrieval(
+            bank_embeddings(), presence(*[(True, True)] * 6), [f"e{i}" for i in range(6)]
+        )
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 3\)"):
+        rag.fit_retrieval(
+            bank_embeddings(), presence(*[(True, True)] * 6), [f"e{i}" for i in range(6)],
+            labels=torch.tensor([0, 1, 2, 3, 0, 1]),
+        )  # fmt: skip
+    plain, _ = fitted()  # a bank without labels cannot serve a label context
+    rag.bank = plain.bank
+    with pytest.raises(RuntimeError, match="needs a memory bank with 3 label columns"):
+        rag.retrieval_context(bank_embeddings(1), presence((True, True)))
+
+
+def test_label_bank_is_saved_and_memory_mapped_back(tmp_path: Path) -> None:
+    rag, bank = labelled(k=2, bank_dtype="float16")
+    queries = {IMAGE: bank[IMAGE][:2] + 0.1, TEXT: bank[TEXT][:2]}
+    rows = presence((True, True), (True, False))
+    before = rag.retrieval_context(queries, rows, exclude_groups=["g0", "g2"])
+    rag.save_files(tmp_path)
+    again = strategy(label_context=True, k=2, bank_dtype="float16")
+    again.load_files(tmp_path)
+    assert again.bank is not None and isinstance(again.bank.arrays["labels"], np.memmap)
+    torch.testing.assert_close(
+        again.retrieval_context(queries, rows, exclude_groups=["g0", "g2"]), before
+    )

@@ -344,3 +344,69 @@ def test_search_on_cuda_matches_cpu() -> None:
     resident = bank.to("cuda")
     assert torch.equal(resident.search(queries.cuda(), "image", 5)[1].cpu(), cpu_indices)
     assert resident.neighbour_mean(indices, "image").device.type == "cuda"
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1000])
+def test_grouped_bank_leaves_the_whole_group_out(chunk_size: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    vectors = torch.randn(60, 8, generator=gen)
+    ids, groups = _ids(60), [f"g{i // 4}" for i in range(60)]  # 15 groups of 4 entries
+    bank = build_memory_bank(
+        ids, {"image": vectors}, config=MemoryBankConfig(chunk_size=chunk_size), groups=groups
+    )
+    queries = vectors[[0, 9, 33]] + 0.01
+    members = {row: set(range(row // 4 * 4, row // 4 * 4 + 4)) for row in (0, 9, 33)}
+    # By an entry's id or by its group name, the same four entries are left out.
+    by_id = bank.search(queries, "image", 6, exclude_ids=["s0", "s9", "s33"])
+    by_group = bank.search(queries, "image", 6, exclude_groups=["g0", "g2", "g8"])
+    for scores, indices in (by_id, by_group):
+        for q, row in enumerate((0, 9, 33)):
+            keep = torch.ones(60, dtype=torch.bool)
+            keep[sorted(members[row])] = False
+            ref_scores, ref_indices = _brute_force(vectors, queries[q : q + 1], 6, keep)
+            assert torch.equal(indices[q : q + 1], ref_indices)
+            assert torch.allclose(scores[q : q + 1], ref_scores, atol=1e-5)
+    # An unknown group or None excludes nothing; an ungrouped bank reads a group as an id.
+    _, free = bank.search(queries[:1], "image", 1, exclude_groups=["nope"])
+    assert free.tolist() == [[0]]
+    plain = build_memory_bank(ids, {"image": vectors})
+    _, alone = plain.search(queries[:1], "image", 1, exclude_groups=["s0"])
+    assert alone.tolist() != [[0]]
+    with pytest.raises(ValueError, match="exclude_ids or exclude_groups, not both"):
+        bank.search(queries[:1], "image", exclude_ids=["s0"], exclude_groups=["g0"])
+    with pytest.raises(ValueError, match="groups has 2 entries for 60 ids"):
+        build_memory_bank(ids, {"image": vectors}, groups=["a", "b"])
+
+
+def test_labels_are_kept_averaged_over_neighbours_and_saved(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(6)
+    vectors = torch.randn(10, 4, generator=gen)
+    labels = torch.eye(3)[torch.arange(10) % 3]
+    bank = build_memory_bank(_ids(10), {"text": vectors}, labels=labels, groups=["a"] * 10)
+    indices = torch.tensor([[0, 1, -1], [-1, -1, -1], [2, 5, 8]])
+    mean = bank.neighbour_labels(indices)
+    torch.testing.assert_close(mean[0], torch.tensor([0.5, 0.5, 0.0]))
+    assert not mean[1].any()  # no valid neighbour
+    torch.testing.assert_close(mean[2], torch.tensor([0.0, 0.0, 1.0]))
+    bank.save(tmp_path / "bank")
+    loaded = MemoryBank.load(tmp_path / "bank")
+    assert loaded.label_dim == 3 and isinstance(loaded.arrays["labels"], np.memmap)
+    torch.testing.assert_close(loaded.neighbour_labels(indices), mean)
+    _, kept = loaded.search(vectors[:2], "text", 2, exclude_groups=["a", None])
+    assert kept[0].tolist() == [-1, -1] and kept[1, 0].item() == 1  # one group: all left out
+    with pytest.raises(ValueError, match="labels row 1 has NaN or inf"):
+        build_memory_bank(_ids(2), {"text": vectors[:2]}, labels=[0.0, float("nan")])
+    with pytest.raises(ValueError, match="holds no labels"):
+        build_memory_bank(_ids(2), {"text": vectors[:2]}).neighbour_labels(indices)
+
+
+def test_a_bank_saved_before_groups_and_labels_loads(tmp_path: Path) -> None:
+    vectors = torch.randn(5, 4, generator=torch.Generator().manual_seed(7))
+    folder = build_memory_bank(_ids(5), {"image": vectors}).save(tmp_path / "old")
+    meta = json.loads((folder / "config.json").read_text())
+    del meta["groups"], meta["label_dim"]  # the keys an older bank's config.json lacks
+    (folder / "config.json").write_text(json.dumps(meta))
+    old = MemoryBank.load(folder)
+    assert old.label_dim == 0 and "groups" not in old.arrays
+    _, indices = old.search(vectors[:1], "image", 1, exclude_ids=["s0"])
+    assert indices.item() != 0

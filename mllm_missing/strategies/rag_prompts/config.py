@@ -30,12 +30,17 @@ class RagPromptsConfig(PromptConfig):
             retrieval itself adds.
         bank_dtype: storage dtype of the memory bank saved with the model (``float16`` halves
             its size).
+        label_context: also feed the generator, for every modality a sample has, the mean
+            label of its k nearest training samples by that modality (RAGPT's label-enhanced
+            prompt), complete samples included. Off by default, as models saved before it
+            existed were trained without it.
     """
 
     k: int = 8
     hidden_size: int = 128
     retrieval: bool = True
     bank_dtype: str = "float16"
+    label_context: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +48,10 @@ class RagPromptsConfig(PromptConfig):
             raise ConfigError(f"strategy.k must be an integer >= 1; got {self.k!r}")
         if self.hidden_size < 1:
             raise ConfigError(f"strategy.hidden_size must be >= 1; got {self.hidden_size}")
+        if not isinstance(self.label_context, bool):
+            raise ConfigError(
+                f"strategy.label_context must be true or false; got {self.label_context!r}"
+            )
         if not isinstance(self.retrieval, bool):
             raise ConfigError(f"strategy.retrieval must be true or false; got {self.retrieval!r}")
         if self.bank_dtype not in DTYPES:

@@ -48,6 +48,10 @@ class MemoryBank:
         presence: bool (N, M), column i for the i-th modality of `normalised` in
             `MODALITY_ORDER` order.
         config: storage and search settings.
+        groups: optional (N,) str: entries that share an input (the questions about one
+            image) share a group, and leave-one-out leaves the whole group out (`search`).
+        labels: optional float (N, L) targets of the entries (one-hot, multi-hot or a 0/1
+            column), read back as the neighbours' label mean (`neighbour_labels`).
     """
 
     def __init__(
@@ -57,6 +61,8 @@ class MemoryBank:
         norms: Mapping[Modality, np.ndarray],
         presence: np.ndarray,
         config: MemoryBankConfig,
+        groups: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
     ) -> None:
         self.config = config
         self.ids: list[str] = list(ids)
@@ -71,6 +77,16 @@ class MemoryBank:
         self._norms = {m: _readonly_tensor(norms[m]) for m in self.modalities}
         self._presence = _readonly_tensor(presence)
         self._row_of: dict[str, int] | None = None
+        self._group_codes: torch.Tensor | None = None
+        self._code_of_group: dict[str, int] | None = None
+        if groups is not None:
+            self.arrays["groups"] = groups
+            codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
+            self._group_codes = torch.from_numpy(codes.astype(np.int64))
+        self._labels: torch.Tensor | None = None
+        if labels is not None:
+            self.arrays["labels"] = labels
+            self._labels = _readonly_tensor(labels)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -85,6 +101,11 @@ class MemoryBank:
         return self._presence
 
     @property
+    def label_dim(self) -> int:
+        """Width of the stored labels (0 when the bank holds none)."""
+        return 0 if self._labels is None else int(self._labels.shape[1])
+
+    @property
     def device(self) -> torch.device:
         """Where the search matrices live (CPU unless moved with `to`)."""
         return self._presence.device
@@ -96,6 +117,9 @@ class MemoryBank:
         embeddings: Mapping[str | Modality, torch.Tensor | np.ndarray],
         presence: torch.Tensor | np.ndarray | None = None,
         config: MemoryBankConfig | None = None,
+        *,
+        groups: Sequence[str] | None = None,
+        labels: torch.Tensor | np.ndarray | None = None,
     ) -> MemoryBank:
         """Build a bank from raw embeddings.
 
@@ -107,11 +131,16 @@ class MemoryBank:
                 modalities, or (N, 3) in full `MODALITY_ORDER`; default: every entry has every
                 given modality.
             config: storage and search settings (default `MemoryBankConfig()`).
+            groups: optional N group names (entries sharing an input share one); leave-one-out
+                then leaves out the query's whole group. Default: each entry its own group.
+            labels: optional (N,) or (N, L) finite targets kept beside the embeddings
+                (a class index column is not accepted: pass it one-hot).
 
         Raises:
             ValueError: duplicate or non-string ids, no entries, a shape mismatch, an entry
-                with every modality missing, or a present row with NaN/inf or all zeros
-                (the message names the modality, the first bad row and its id).
+                with every modality missing, a present row with NaN/inf or all zeros
+                (the message names the modality, the first bad row and its id), groups or
+                labels of another length, or labels with NaN/inf.
         """
         config = config or MemoryBankConfig()
         ids = check_ids(ids)
@@ -130,7 +159,13 @@ class MemoryBank:
             normalised[modality], norms[modality] = normalise_rows(
                 modality, parsed[modality], mask[:, column], ids, config.dtype
             )
-        return cls(ids, normalised, norms, mask.numpy().copy(), config)
+        group_array = None
+        if groups is not None:
+            if len(groups) != len(ids):
+                raise ValueError(f"groups has {len(groups)} entries for {len(ids)} ids")
+            group_array = np.array([str(g) for g in groups], dtype=str)
+        label_array = None if labels is None else _label_matrix(labels, len(ids))
+        return cls(ids, normalised, norms, mask.numpy().copy(), config, group_array, label_array)
 
     def save(self, directory: str | Path) -> Path:
         """Write the bank to `directory`, atomically (a temporary folder, then `os.replace`).
@@ -144,6 +179,8 @@ class MemoryBank:
             "num_entries": len(self),
             "modalities": [m.value for m in self.modalities],
             "dims": {m.value: d for m, d in self.dims.items()},
+            "groups": self._group_codes is not None,
+            "label_dim": self.label_dim,
         }
         arrays = {"ids": np.array(self.ids, dtype=str), **self.arrays}
         return storage.write_bank_files(directory, meta, arrays)
@@ -162,7 +199,10 @@ class MemoryBank:
             DataFormatError: naming the file that is missing, unreadable or inconsistent.
         """
         files = storage.read_bank_files(directory, mmap=mmap)
-        return cls(files.ids, files.normalised, files.norms, files.presence, files.config)
+        return cls(
+            files.ids, files.normalised, files.norms, files.presence, files.config,
+            files.groups, files.labels,
+        )  # fmt: skip
 
     def to(self, device: str | torch.device) -> MemoryBank:
         """A bank whose search matrices live on `device` (e.g. to search a GPU-resident bank
@@ -171,6 +211,8 @@ class MemoryBank:
         moved._normalised = {m: t.to(device) for m, t in self._normalised.items()}
         moved._norms = {m: t.to(device) for m, t in self._norms.items()}
         moved._presence = self._presence.to(device)
+        if self._labels is not None:
+            moved._labels = self._labels.to(device)
         return moved
 
     def _column(self, modality: str | Modality) -> tuple[Modality, int]:
@@ -180,15 +222,37 @@ class MemoryBank:
             raise ValueError(f"the memory bank has no {parsed.value} embeddings (it has: {held})")
         return parsed, self.modalities.index(parsed)
 
-    def _exclusions(self, exclude_ids: Sequence[str | None], queries: int) -> torch.Tensor:
-        if len(exclude_ids) != queries:
-            raise ValueError(f"exclude_ids has {len(exclude_ids)} entries for {queries} queries")
+    def _exclusions(
+        self,
+        exclude_ids: Sequence[str | None] | None,
+        exclude_groups: Sequence[str | None] | None,
+        queries: int,
+    ) -> torch.Tensor | None:
+        """Per query, the code `chunked_topk` leaves out: an entry's row in an ungrouped bank,
+        a group code in a grouped one (-1: nothing)."""
+        if exclude_ids is not None and exclude_groups is not None:
+            raise ValueError("give exclude_ids or exclude_groups, not both")
+        names = exclude_ids if exclude_ids is not None else exclude_groups
+        if names is None:
+            return None
+        what = "exclude_ids" if exclude_ids is not None else "exclude_groups"
+        if len(names) != queries:
+            raise ValueError(f"{what} has {len(names)} entries for {queries} queries")
         if self._row_of is None:
             self._row_of = {entry: row for row, entry in enumerate(self.ids)}
+        if exclude_groups is not None and self._group_codes is not None:
+            if self._code_of_group is None:
+                groups = self.arrays["groups"].tolist()
+                self._code_of_group = dict(zip(groups, self._group_codes.tolist(), strict=True))
+            code_of = self._code_of_group
+            return torch.tensor([-1 if g is None else code_of.get(g, -1) for g in names])
+        # An ungrouped bank's groups are its entries: a group name is an entry id.
         row_of = self._row_of
-        return torch.tensor(
-            [-1 if e is None else row_of.get(e, -1) for e in exclude_ids], dtype=torch.long
-        )
+        rows = torch.tensor([-1 if e is None else row_of.get(e, -1) for e in names])
+        if self._group_codes is None:
+            return rows
+        # The excluded entry's group: every entry sharing its input is left out with it.
+        return torch.where(rows >= 0, self._group_codes[rows.clamp_min(0)], -1)
 
     def search(
         self,
@@ -198,6 +262,7 @@ class MemoryBank:
         *,
         target: str | Modality | None = None,
         exclude_ids: Sequence[str | None] | None = None,
+        exclude_groups: Sequence[str | None] | None = None,
         device: str | torch.device | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k cosine neighbours of `queries` among the bank's `by` embeddings.
@@ -213,8 +278,13 @@ class MemoryBank:
             target: if given, only entries that also have this modality are candidates (use
                 it when the neighbours' `target` embeddings will be read).
             exclude_ids: one id (or None) per query that the query must not retrieve, e.g.
-                its own id for leave-one-out on the bank's own split; ids not in the bank
+                its own id for leave-one-out on the bank's own split; in a bank with groups,
+                the entries of that id's whole group are left out. Ids not in the bank
                 exclude nothing.
+            exclude_groups: instead of `exclude_ids`, one group name (or None) per query whose
+                entries the query must not retrieve (a query from the bank's own data that is
+                not itself an entry, e.g. a held-out row about a training image); in a bank
+                without groups a group name is an entry id.
             device: where to compute (default: the bank's device if it was moved with `to`,
                 else the queries' device); bank chunks are moved there.
 
@@ -250,7 +320,7 @@ class MemoryBank:
                 f"query row {row} is a zero vector: is {by.value} missing for it? "
                 "(split queries with `group_queries`)"
             )
-        exclude = None if exclude_ids is None else self._exclusions(exclude_ids, len(queries))
+        exclude = self._exclusions(exclude_ids, exclude_groups, len(queries))
         return chunked_topk(
             queries / norm.unsqueeze(1),
             self._normalised[by],
@@ -258,6 +328,7 @@ class MemoryBank:
             self.config.chunk_size,
             eligible=None if bool(eligible.all()) else eligible,
             exclude=exclude,
+            key_groups=self._group_codes,
         )
 
     def group_queries(
@@ -337,6 +408,7 @@ class MemoryBank:
         embeddings: Mapping[Modality, torch.Tensor],
         presence: torch.Tensor,
         exclude_ids: Sequence[str | None] | None = None,
+        exclude_groups: Sequence[str | None] | None = None,
     ) -> torch.Tensor:
         """The mean of each row's k nearest entries' `target` embeddings (kNN imputation).
 
@@ -348,6 +420,7 @@ class MemoryBank:
             embeddings: modality -> (Q, D) embeddings of the rows (rows it lacks: anything).
             presence: bool (Q, 3) in `MODALITY_ORDER` or (Q, M) in `modalities` order.
             exclude_ids: per row, an id it must not retrieve (leave-one-out).
+            exclude_groups: instead, per row, a group it must not retrieve (see `search`).
 
         Returns:
             float32 (Q, D_target) on the CPU; a row with no candidate is all zeros.
@@ -359,10 +432,36 @@ class MemoryBank:
         out = torch.zeros(len(presence), self.dims[target])
         for by, rows in self.group_queries(presence, target=target).items():
             queries = embeddings[by][rows.to(embeddings[by].device)].detach().float().cpu()
-            exclude = None if exclude_ids is None else [exclude_ids[i] for i in rows.tolist()]
-            _, indices = self.search(queries, by, target=target, exclude_ids=exclude)
+            picked = rows.tolist()
+            ids = None if exclude_ids is None else [exclude_ids[i] for i in picked]
+            groups = None if exclude_groups is None else [exclude_groups[i] for i in picked]
+            _, indices = self.search(
+                queries, by, target=target, exclude_ids=ids, exclude_groups=groups
+            )
             out[rows] = self.neighbour_mean(indices, target).cpu()
         return out
+
+    def neighbour_labels(self, indices: torch.Tensor) -> torch.Tensor:
+        """Mean stored label over each query's valid (non ``-1``) neighbours.
+
+        Args:
+            indices: long (Q, k) as returned by `search`.
+
+        Returns:
+            float32 (Q, `label_dim`) on the device of `indices`; a row with no valid neighbour
+            is all zeros.
+
+        Raises:
+            ValueError: the bank holds no labels.
+        """
+        if self._labels is None:
+            raise ValueError("this memory bank holds no labels (build it with labels=...)")
+        indices = torch.as_tensor(indices)
+        valid = (indices >= 0).to(self.device)
+        rows = indices.clamp_min(0).to(self.device)
+        picked = self._labels[rows].to(torch.float32) * valid.unsqueeze(-1)
+        mean = picked.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+        return mean.to(indices.device)
 
     def neighbour_mean(self, indices: torch.Tensor, target: str | Modality) -> torch.Tensor:
         """Mean raw `target` embedding over each query's valid (non ``-1``) neighbours.
@@ -380,6 +479,9 @@ def index_rows(
     embeddings: Mapping[Modality, torch.Tensor],
     presence: torch.Tensor,
     config: MemoryBankConfig,
+    *,
+    groups: Sequence[str] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> MemoryBank:
     """A bank of a training split's rows: only the modalities a row has enter it (so a sample
     never lends an input hidden from it), and rows with none of `embeddings`' modalities are
@@ -390,6 +492,8 @@ def index_rows(
         embeddings: modality -> (n, D) embeddings, absent rows anything.
         presence: bool (n, 3) in `MODALITY_ORDER`.
         config: the bank's settings.
+        groups: optional per-row group names (see `MemoryBank.build`).
+        labels: optional per-row targets, (n,) or (n, L) (see `MemoryBank.build`).
 
     Raises:
         ValueError: no row has any of the modalities, or a present row is NaN/inf or zero.
@@ -409,6 +513,8 @@ def index_rows(
         },
         columns[rows],
         config,
+        groups=None if groups is None else [str(groups[i]) for i in kept],
+        labels=None if labels is None else torch.as_tensor(labels)[rows],
     )
 
 
@@ -417,6 +523,22 @@ def build_memory_bank(
     embeddings: Mapping[str | Modality, torch.Tensor | np.ndarray],
     presence: torch.Tensor | np.ndarray | None = None,
     config: MemoryBankConfig | None = None,
+    *,
+    groups: Sequence[str] | None = None,
+    labels: torch.Tensor | np.ndarray | None = None,
 ) -> MemoryBank:
     """Build a `MemoryBank` from raw embeddings; the same as `MemoryBank.build`."""
-    return MemoryBank.build(ids, embeddings, presence, config)
+    return MemoryBank.build(ids, embeddings, presence, config, groups=groups, labels=labels)
+
+
+def _label_matrix(labels: torch.Tensor | np.ndarray, rows: int) -> np.ndarray:
+    """`labels` as a finite float32 (rows, L) array (a 1-D column becomes (rows, 1))."""
+    array = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.shape[0] != rows:
+        raise ValueError(f"labels have shape {array.shape}, expected ({rows},) or ({rows}, L)")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"labels row {int(np.argwhere(~np.isfinite(array))[0, 0])} has NaN or inf")
+    return array

@@ -13,6 +13,7 @@ def chunked_topk(
     *,
     eligible: torch.Tensor | None = None,
     exclude: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``queries @ keys.T`` by row, scoring `chunk_size` keys at a time.
 
@@ -27,7 +28,10 @@ def chunked_topk(
         chunk_size: keys scored per step.
         eligible: optional bool (N,); keys where it is False are never returned.
         exclude: optional long (Q,); key `exclude[q]` is never returned for query q
-            (-1: exclude nothing).
+            (-1: exclude nothing). With `key_groups`, `exclude[q]` is a group code instead and
+            every key of that group is left out for query q.
+        key_groups: optional long (N,), each key's group code (keys that share an input, e.g.
+            the questions about one image, share a code).
 
     Returns:
         ``(scores, indices)``, both (Q, k), best first. Slots beyond the number of eligible
@@ -52,7 +56,10 @@ def chunked_topk(
         scores = queries @ chunk.T
         if eligible is not None:
             scores.masked_fill_(~eligible[start:stop].unsqueeze(0), float("-inf"))
-        if exclude is not None:
+        if exclude is not None and key_groups is not None:
+            groups = key_groups[start:stop].to(device)
+            scores.masked_fill_(groups.unsqueeze(0) == exclude.unsqueeze(1), float("-inf"))
+        elif exclude is not None:
             rows = torch.nonzero(excluding & (exclude >= start) & (exclude < stop)).squeeze(1)
             scores[rows, exclude[rows] - start] = float("-inf")
         chunk_scores, chunk_indices = scores.topk(min(k, stop - start), dim=1)

@@ -109,6 +109,8 @@ class BankFiles:
         presence: bool (N, M), in memory.
         normalised: modality -> unit rows (N, D), memory-mapped if asked.
         norms: modality -> float32 norms (N,), memory-mapped if asked.
+        groups: the entries' group names (N,), or None where the bank has none.
+        labels: float32 (N, L) stored targets, or None where the bank has none.
     """
 
     config: MemoryBankConfig
@@ -116,6 +118,8 @@ class BankFiles:
     presence: np.ndarray
     normalised: dict[Modality, np.ndarray]
     norms: dict[Modality, np.ndarray]
+    groups: np.ndarray | None = None
+    labels: np.ndarray | None = None
 
 
 def read_bank_files(directory: str | Path, *, mmap: bool) -> BankFiles:
@@ -129,6 +133,9 @@ def read_bank_files(directory: str | Path, *, mmap: bool) -> BankFiles:
     try:
         config = MemoryBankConfig.from_dict(meta["config"])
         rows = int(meta["num_entries"])
+        # Banks written before groups and labels existed have neither key.
+        has_groups = bool(meta.get("groups", False))
+        label_dim = int(meta.get("label_dim", 0))
         modalities = [Modality.parse(m) for m in meta["modalities"]]
         dims = {Modality.parse(m): int(d) for m, d in meta["dims"].items()}
         if set(modalities) != set(dims):
@@ -146,4 +153,12 @@ def read_bank_files(directory: str | Path, *, mmap: bool) -> BankFiles:
         norms[m] = read_array(
             directory, f"{m.value}_norms", shape=(rows,), dtype="float32", mmap=mmap
         )
-    return BankFiles(config, ids.tolist(), np.array(presence), normalised, norms)
+    groups = None
+    if has_groups:
+        groups = np.array(read_array(directory, "groups", shape=(rows,), kind="U"))
+    labels = None
+    if label_dim:
+        labels = read_array(
+            directory, "labels", shape=(rows, label_dim), dtype="float32", mmap=mmap
+        )
+    return BankFiles(config, ids.tolist(), np.array(presence), normalised, norms, groups, labels)
