@@ -209,18 +209,20 @@ def tiny_classifier(
     imputation: str = "zero",
     backbone: Any = None,
     labels: Sequence[str] = ("circle", "square", "triangle"),
+    strategy_fields: Mapping[str, Any] | None = None,
 ) -> Any:
     """An image + text classifier over a tiny CLIP (random weights), concat fusion, eval mode.
 
-    A prompt strategy gets 2 prompts per block, randomised so adapted towers differ from the
-    frozen ones.
+    A prompt strategy gets 2 prompts per block (and `strategy_fields`), randomised so adapted
+    towers differ from the frozen ones.
     """
     from mllm_missing.model import build_model
 
     backbone = backbone or tiny_clip()
+    fields = {"prompt_length": 2, **(strategy_fields or {})} if strategy != "none" else {}
     spec = {
         "backbone": "clip-vit-b-16",
-        "strategy": {"method": strategy, **({"prompt_length": 2} if strategy != "none" else {})},
+        "strategy": {"method": strategy, **fields},
         "imputation": imputation,
         "fusion": "concat",
         "hidden_size": 16,

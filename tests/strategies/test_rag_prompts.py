@@ -169,14 +169,15 @@ def test_a_backbone_without_a_tower_per_modality_is_refused() -> None:
         build_strategy(config, tiny_llama(), (IMAGE, TEXT))
 
 
-def test_engine_predictions_equal_the_model_by_hand() -> None:
+@pytest.mark.parametrize("label_context", [False, True])
+def test_engine_predictions_equal_the_model_by_hand(label_context: bool) -> None:
     """The inference engine gives a rag_prompts model its retrieval context as training does."""
     from mllm_missing.inference.engine import InferenceEngine
     from mllm_missing.strategies.testing import tiny_classifier
     from mllm_missing.training.data import placeholder
     from mllm_missing.types import Presence, Sample
 
-    model = tiny_classifier("rag_prompts")
+    model = tiny_classifier("rag_prompts", strategy_fields={"label_context": label_context})
     rng = np.random.default_rng(0)
     pictures = [
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(5)
@@ -187,7 +188,10 @@ def test_engine_predictions_equal_the_model_by_hand() -> None:
             IMAGE: model.backbone.embed(IMAGE, pictures),
             TEXT: model.backbone.embed(TEXT, texts),
         }
-    model.strategy.fit_retrieval(frozen, presence(*[(True, True)] * 5), [f"t{i}" for i in range(5)])
+    model.strategy.fit_retrieval(
+        frozen, presence(*[(True, True)] * 5), [f"t{i}" for i in range(5)],
+        labels=torch.tensor([0, 1, 2, 0, 1]),
+    )  # fmt: skip
     samples = [
         Sample(Presence(frozenset({IMAGE})), {IMAGE: pictures[1]}, id="image only"),
         Sample(Presence(frozenset({TEXT})), {TEXT: "what shape is it"}, id="text only"),
