@@ -13,10 +13,11 @@ complete samples are retrieval-augmented too. On the training split a row never 
 sample of its own group (the other questions about its image): a test row never finds its own
 image in the bank either, and its neighbours' labels would otherwise hand it its answer.
 
-The stand-ins (and label means) are the strategy's *retrieval context*: `retrieval_context` computes them for a
-batch from the rows' frozen embeddings, and `encode` takes them next to the presence mask (the
-training, evaluation and inference paths pass them; see `mllm_missing.training.data`). The
-memory bank is saved with the strategy's weights and memory-mapped back.
+The stand-ins (and label means) are the strategy's *retrieval context*: `retrieval_context`
+computes them for a batch from the rows' frozen embeddings, and `encode` takes them next to the
+presence mask (the training, evaluation and inference paths pass them; see
+`mllm_missing.training.data`). The memory bank is saved with the strategy's weights and
+memory-mapped back.
 """
 
 from __future__ import annotations
