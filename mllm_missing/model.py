@@ -88,7 +88,10 @@ class MissingModalityModel(nn.Module):
         return output.pooled.float()
 
     def forward(
-        self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
+        self,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        exclude_groups: Sequence[str | None] | None = None,
     ) -> torch.Tensor:
         """Logits from per-modality embeddings.
 
@@ -97,13 +100,15 @@ class MissingModalityModel(nn.Module):
                 output (placeholder inputs on absent rows); for the others absent rows must be
                 zero and are filled by the imputation.
             presence: bool (batch, 3) in `MODALITY_ORDER`.
+            exclude_groups: rows of the data the imputation was fitted on: each row's group,
+                which a retrieving imputation must not draw neighbours from (see `Imputation`).
         """
         adapted = self.adapted()
         zeroed = {
             m: x * presence[:, MODALITY_ORDER.index(m)].unsqueeze(1) if m in adapted else x
             for m, x in embeddings.items()
         }
-        filled = self.classifier.imputation(zeroed, presence)
+        filled = self.classifier.imputation(zeroed, presence, exclude_groups)
         filled.update({m: embeddings[m] for m in adapted})
         return self.classifier.head(self.classifier.fusion(filled, presence), presence)
 

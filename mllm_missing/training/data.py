@@ -25,6 +25,7 @@ from mllm_missing.types import MODALITY_ORDER, Modality, presence_codes
 __all__ = [
     "SplitData",
     "embed_rows",
+    "exclusion_groups",
     "load_split",
     "placeholder",
     "retrieval_context",
@@ -166,20 +167,26 @@ def load_split(
     return split
 
 
+def exclusion_groups(split: SplitData, rows: torch.Tensor) -> list[str] | None:
+    """The groups that `rows` must not retrieve from an index fitted on the training split:
+    their own, on the training split (itself and the rows sharing its input) and on the
+    validation split (either held out of train, as easy-VQA's, which shares train's images, or
+    one whose group names, its sample ids, no training row has). None on any other split: a
+    test row's own input is never in the index."""
+    if split.name not in ("train", "val"):
+        return None
+    return [split.groups[r] for r in rows.tolist()]
+
+
 def retrieval_context(
     model: MissingModalityModel, split: SplitData, rows: torch.Tensor
 ) -> torch.Tensor | None:
-    """The strategy's retrieval context of `rows` (None unless it retrieves). On the training
-    split, which the strategy's index was fitted on, a row never retrieves its own group (itself
-    and the rows sharing its input), nor does a validation row: a validation split is either
-    held out of train (easy-VQA's shares train's images) or one whose group names, its sample
-    ids, no training row has. A test row's own input is never in the index."""
+    """The strategy's retrieval context of `rows` (None unless it retrieves), each row's own
+    group left out (`exclusion_groups`)."""
     if not model.strategy.retrieves:
         return None
-    own_data = split.name in ("train", "val")
-    exclude = [split.groups[r] for r in rows.tolist()] if own_data else None
     return model.strategy.retrieval_context(
-        split.frozen_embeddings(rows), split.presence[rows], exclude
+        split.frozen_embeddings(rows), split.presence[rows], exclusion_groups(split, rows)
     )
 
 

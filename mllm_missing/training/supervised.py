@@ -21,7 +21,7 @@ from mllm_missing.metrics import bootstrap_ci, compute_metrics
 from mllm_missing.missing import MissingConfig, MissingType
 from mllm_missing.model import MissingModalityModel, build_model
 from mllm_missing.training.config import TrainConfig
-from mllm_missing.training.data import SplitData, embed_rows, load_split
+from mllm_missing.training.data import SplitData, embed_rows, exclusion_groups, load_split
 from mllm_missing.types import MODALITY_ORDER
 
 __all__ = [
@@ -145,7 +145,7 @@ class SupervisedTask:
         self.model.train()
         embeddings = embed_rows(self.model, self.train, rows)
         presence = self.train.presence[rows].to(next(iter(embeddings.values())).device)
-        logits = self.model(embeddings, presence)
+        logits = self.model(embeddings, presence, exclusion_groups(self.train, rows))
         loss = task_loss(self.task.task_type, logits, self.train.labels[rows].to(logits.device))
         zeroed = {
             m: x * presence[:, MODALITY_ORDER.index(m)].unsqueeze(1) for m, x in embeddings.items()
@@ -172,7 +172,7 @@ def predict(model: MissingModalityModel, split: SplitData, batch_size: int = 102
     for rows in torch.arange(len(split)).split(batch_size):
         embeddings = embed_rows(model, split, rows)
         presence = split.presence[rows].to(next(iter(embeddings.values())).device)
-        outputs.append(model(embeddings, presence).float().cpu())
+        outputs.append(model(embeddings, presence, exclusion_groups(split, rows)).float().cpu())
     return torch.cat(outputs)
 
 
@@ -324,7 +324,7 @@ def run_training(
         for name in ("train", "val")
     }  # fmt: skip
     train = splits["train"]
-    model.classifier.imputation.fit(train.features, train.presence)
+    model.classifier.imputation.fit(train.features, train.presence, groups=train.groups)
     if model.strategy.retrieves:
         model.strategy.fit_retrieval(
             train.frozen_embeddings(torch.arange(len(train))), train.presence, train.ids,

@@ -214,6 +214,32 @@ def test_knn_fills_with_the_neighbours_of_the_present_modality() -> None:
         ImputationConfig("knn", k=0)
 
 
+def test_knn_leaves_a_training_rows_own_group_out() -> None:
+    """Rows 0 and 1 share an input (one group): row 0's nearest image is row 1's, unless row 0
+    is a training row leaving its group out, as a test row never finds its own input."""
+    text = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0.0, 1.0, 0, 0]])
+    image = torch.stack([torch.zeros(6), torch.full((6,), 5.0), -torch.ones(6), torch.ones(6)])
+    presence = torch.ones(4, 3, dtype=torch.bool)
+    presence[0, 0] = False
+    train = {Modality.TEXT: text, Modality.IMAGE: image}
+    module = build_imputation(ImputationConfig("knn", k=1), DIMS)
+    module.fit(train, presence, groups=["a", "a", "b", "c"])
+    row = {m: x[:1] for m, x in train.items()}
+    assert torch.equal(module(row, presence[:1])[Modality.IMAGE][0], torch.full((6,), 5.0))
+    left_out = module(row, presence[:1], exclude_groups=["a"])[Modality.IMAGE][0]
+    assert torch.equal(left_out, -torch.ones(6))
+    # Present rows need no stand-in, so their groups change nothing.
+    both = module(train, presence, exclude_groups=["a", "a", "b", "c"])
+    assert torch.equal(both[Modality.IMAGE][1:], image[1:])
+    with pytest.raises(ValueError, match="exclude_groups has 2 entries for 1 rows"):
+        module(row, presence[:1], exclude_groups=["a", "b"])
+    # A bank kept without groups (as saved before groups existed) ignores them.
+    ungrouped = build_imputation(ImputationConfig("knn", k=1), DIMS)
+    ungrouped.fit(train, presence)
+    again = ungrouped(row, presence[:1], exclude_groups=["1"])[Modality.IMAGE][0]
+    assert torch.equal(again, torch.full((6,), 5.0))
+
+
 def test_a_saved_knn_model_brings_its_memory_bank_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A knn checkpoint predicts as before after reloading (its bank is saved with it), and a
     folder without the bank is refused by name."""

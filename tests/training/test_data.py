@@ -53,3 +53,49 @@ def test_train_and_validation_rows_leave_their_group_out_test_rows_do_not() -> N
     for name in ("train", "val", "test"):
         retrieval_context(model, split(name), torch.tensor([2, 0]))  # type: ignore[arg-type]
     assert model.strategy.excluded == [["img9", "img5"], ["img9", "img5"], None]
+
+
+def test_training_and_validation_knn_stand_ins_leave_the_rows_group_out() -> None:
+    """The loss and validation predictions hand a knn imputation each row's group; test
+    predictions do not. Rows 0 and 1 share an image, so leaving the group out changes row 0."""
+    import pytest
+
+    pytest.importorskip("open_clip")
+    from mllm_missing.data.base import TaskInfo, TaskType
+    from mllm_missing.strategies.testing import tiny_classifier
+    from mllm_missing.training.supervised import SupervisedTask, predict
+
+    model = tiny_classifier(imputation="knn")
+    generator = torch.Generator().manual_seed(0)
+    features = {m: torch.randn(6, 32, generator=generator) for m in (Modality.IMAGE, Modality.TEXT)}
+    features[Modality.IMAGE][1] = features[Modality.IMAGE][0]
+    presence = torch.ones(6, 3, dtype=torch.bool)
+    presence[0, 1] = presence[3, 0] = False
+    presence[:, 2] = False
+    groups = ["img0", "img0", "img1", "img2", "img3", "img4"]
+    model.classifier.imputation.fit(features, presence, groups=groups)
+
+    def data(name: str) -> SplitData:
+        zeroed = {m: x * presence[:, i : i + 1] for i, (m, x) in enumerate(features.items())}
+        ids = [f"r{i}" for i in range(6)]
+        return SplitData(name, None, ids, torch.tensor([0, 1, 2, 0, 1, 2]), presence, {},
+                         features=zeroed, groups=groups)  # fmt: skip
+
+    zeroed = data("test").features
+    with torch.no_grad():
+        own = model(zeroed, presence, groups)
+        plain = model(zeroed, presence)
+    assert not torch.allclose(own[0], plain[0])
+    torch.testing.assert_close(predict(model, data("val")), own)
+    torch.testing.assert_close(predict(model, data("test")), plain)
+    info = TaskInfo("shapes", TaskType.MULTICLASS, ("a", "b", "c"), (Modality.IMAGE, Modality.TEXT),
+                    "accuracy")  # fmt: skip
+    task = SupervisedTask(model, info, data("train"), data("val"))
+    rows = torch.tensor([0, 3])
+    model.train()
+    torch.manual_seed(1)  # the same dropout in both
+    subset = {m: x[rows] for m, x in zeroed.items()}
+    logits = model(subset, presence[rows], ["img0", "img2"])
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 0]))
+    torch.manual_seed(1)
+    torch.testing.assert_close(task.loss(rows), expected)

@@ -4,14 +4,15 @@
 - ``mean``: the training-set mean embedding of the modality (`fit` computes it).
 - ``learned_token``: a learned vector per modality, zero-initialised.
 - ``knn``: the mean of the k nearest training neighbours' embeddings of the missing modality,
-  retrieved by a modality the sample has (exact cosine search in a `MemoryBank`).
+  retrieved by a modality the sample has (exact cosine search in a `MemoryBank`); a training
+  row never draws from its own group (`fit(groups=)`, `forward(exclude_groups=)`).
 - ``translator``: a small network predicting the missing embedding from the present ones,
   trained with a regression + contrastive auxiliary loss on samples that have both sides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,9 +68,33 @@ class Imputation(nn.Module):
         """
         raise NotImplementedError
 
-    def fit(self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor) -> None:
-        """Compute statistics from training embeddings (no-op unless the method needs any)."""
-        del embeddings, presence
+    def fit(
+        self,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        groups: Sequence[str] | None = None,
+    ) -> None:
+        """Compute statistics from training embeddings (no-op unless the method needs any).
+
+        Args:
+            embeddings: modality -> (n, dim) training embeddings, absent rows anything.
+            presence: bool (n, 3) in `MODALITY_ORDER`.
+            groups: per training row, the group of rows sharing an input (only methods that
+                retrieve keep it, to leave a training row's whole group out; see `forward`).
+        """
+        del embeddings, presence, groups
+
+    def _stand_in_excluding(
+        self,
+        modality: Modality,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        exclude_groups: Sequence[str | None] | None,
+    ) -> torch.Tensor:
+        """`stand_in`, with rows' own groups left out where the method retrieves (default:
+        nothing is retrieved, so nothing to leave out)."""
+        del exclude_groups
+        return self.stand_in(modality, embeddings, presence)
 
     def auxiliary_loss(
         self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
@@ -98,7 +123,10 @@ class Imputation(nn.Module):
         return out
 
     def forward(
-        self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor
+        self,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        exclude_groups: Sequence[str | None] | None = None,
     ) -> dict[Modality, torch.Tensor]:
         """Return every modality of `dims` with absent rows replaced by `stand_in`.
 
@@ -106,7 +134,14 @@ class Imputation(nn.Module):
             embeddings: modality -> (batch, dim); a modality absent from the whole batch may be
                 left out.
             presence: bool (batch, 3) in `MODALITY_ORDER`.
+            exclude_groups: for rows of the data `fit` saw (training, held-out validation), each
+                row's group, which a retrieving method (`knn`) must not draw neighbours from: a
+                test sample's own input is never among them, so a training row's must not be.
         """
+        if exclude_groups is not None and len(exclude_groups) != presence.shape[0]:
+            raise ValueError(
+                f"exclude_groups has {len(exclude_groups)} entries for {presence.shape[0]} rows"
+            )
         complete = self._complete(embeddings, presence)
         out: dict[Modality, torch.Tensor] = {}
         for modality, given in complete.items():
@@ -117,7 +152,11 @@ class Imputation(nn.Module):
             # Stand-ins are computed for the absent rows only (a kNN search per row is not free).
             subset = {m: x[absent] for m, x in complete.items()}
             filled = given.clone()
-            filled[absent] = self.stand_in(modality, subset, presence[absent]).to(given.dtype)
+            groups = None
+            if exclude_groups is not None:
+                groups = [exclude_groups[i] for i in absent.nonzero().flatten().tolist()]
+            stand_in = self._stand_in_excluding(modality, subset, presence[absent], groups)
+            filled[absent] = stand_in.to(given.dtype)
             out[modality] = filled
         return out
 
@@ -163,8 +202,14 @@ class MeanImputation(Imputation):
             self.register_buffer(f"mean_{modality.value}", torch.zeros(dim))
         self.register_buffer("fitted", torch.tensor(False))
 
-    def fit(self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor) -> None:
-        """Average each modality over the training rows that have it."""
+    def fit(
+        self,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        groups: Sequence[str] | None = None,
+    ) -> None:
+        """Average each modality over the training rows that have it (`groups` unused)."""
+        del groups
         for modality in self.dims:
             rows = presence[:, _column(modality)]
             if not bool(rows.any()):
@@ -291,8 +336,15 @@ class KnnImputation(Imputation):
             raise ValueError("knn imputation needs at least two modalities")
         self.bank: Any = None
 
-    def fit(self, embeddings: Mapping[Modality, torch.Tensor], presence: torch.Tensor) -> None:
-        """Build the memory bank of the training embeddings (rows with at least one modality)."""
+    def fit(
+        self,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        groups: Sequence[str] | None = None,
+    ) -> None:
+        """Build the memory bank of the training embeddings (rows with at least one modality),
+        keeping each row's group when given, so `forward(..., exclude_groups=)` can leave a
+        training row's whole group out (a bank without groups ignores `exclude_groups`)."""
         from mllm_missing.strategies.retrieval import MemoryBankConfig, index_rows
 
         self.bank = index_rows(
@@ -300,7 +352,25 @@ class KnnImputation(Imputation):
             {m: embeddings[m] for m in self.dims},
             presence,
             MemoryBankConfig(k=self.config.k, source="knn imputation fit"),
+            groups=groups,
         )
+
+    def _stand_in_excluding(
+        self,
+        modality: Modality,
+        embeddings: Mapping[Modality, torch.Tensor],
+        presence: torch.Tensor,
+        exclude_groups: Sequence[str | None] | None,
+    ) -> torch.Tensor:
+        if self.bank is None:
+            raise RuntimeError("knn imputation is used before fit(); call fit on training data")
+        if not self.bank.grouped:
+            # A bank saved before groups were kept: its model trained without the leave-out, and
+            # its entry ids are row numbers, which a group name must not be matched against.
+            exclude_groups = None
+        reference = embeddings[modality]
+        filled = self.bank.impute(modality, embeddings, presence, exclude_groups=exclude_groups)
+        return filled.to(reference)
 
     def stand_in(
         self,
@@ -308,10 +378,7 @@ class KnnImputation(Imputation):
         embeddings: Mapping[Modality, torch.Tensor],
         presence: torch.Tensor,
     ) -> torch.Tensor:
-        if self.bank is None:
-            raise RuntimeError("knn imputation is used before fit(); call fit on training data")
-        reference = embeddings[modality]
-        return self.bank.impute(modality, embeddings, presence).to(reference)
+        return self._stand_in_excluding(modality, embeddings, presence, None)
 
     def save_files(self, folder: Path) -> None:
         """The memory bank, in ``imputation_bank/``."""

@@ -101,6 +101,11 @@ class MemoryBank:
         return self._presence
 
     @property
+    def grouped(self) -> bool:
+        """Whether the bank keeps a group per entry (`build(groups=...)`)."""
+        return self._group_codes is not None
+
+    @property
     def label_dim(self) -> int:
         """Width of the stored labels (0 when the bank holds none)."""
         return 0 if self._labels is None else int(self._labels.shape[1])
