@@ -138,19 +138,23 @@ def impute_once(
     embeddings: Mapping[Modality, torch.Tensor],
     presence: torch.Tensor,
     chunk: int = 4096,
+    exclude_groups: Sequence[str | None] | None = None,
 ) -> dict[Modality, torch.Tensor] | None:
     """Apply an imputation with no trainable parameters to a whole split once, in chunks.
 
     Frozen features and a fixed imputation (zero, mean, knn) give the same filled embeddings every
     epoch, so they are computed once. Returns None for imputations that train (their output
-    changes as they learn, so they must run per batch).
+    changes as they learn, so they must run per batch). `exclude_groups`: on the split the
+    imputation was fitted on, each row's group, which a retrieving imputation leaves out.
     """
     if imputation.trainable_parameters():
         return None
-    parts = [
-        imputation({m: x[rows] for m, x in embeddings.items()}, presence[rows])
-        for rows in torch.arange(presence.shape[0]).split(chunk)
-    ]
+    parts = []
+    for rows in torch.arange(presence.shape[0]).split(chunk):
+        groups = None if exclude_groups is None else [exclude_groups[r] for r in rows.tolist()]
+        parts.append(
+            imputation({m: x[rows] for m, x in embeddings.items()}, presence[rows], groups)
+        )
     return {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
 
 

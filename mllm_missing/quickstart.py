@@ -157,6 +157,9 @@ class _Split:
     ids: list[str]
     embeddings: dict[Modality, torch.Tensor]
     labels: torch.Tensor
+    #: Per row, its image id: the questions about one image form a group, which a training
+    #: row's knn stand-ins leave out (a test row's image is never among the training images).
+    groups: list[str]
 
 
 def _embed_split(split: str, config: QuickstartConfig, encoders: Mapping[str, Any]) -> _Split:
@@ -189,6 +192,7 @@ def _embed_split(split: str, config: QuickstartConfig, encoders: Mapping[str, An
             Modality.TEXT: texts.lookup(columns["text"]),
         },
         labels=torch.tensor(columns["label"], dtype=torch.long),
+        groups=[str(i) for i in columns["image_id"]],
     )
 
 
@@ -226,9 +230,9 @@ def _train(
     steps = config.epochs * -(-len(data.labels) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps)
     inputs = _masked(data, presence)
-    model.imputation.fit(inputs, presence)
+    model.imputation.fit(inputs, presence, groups=data.groups)
     # A fixed imputation over frozen features gives the same stand-ins every epoch: fill once.
-    filled = impute_once(model.imputation, inputs, presence)
+    filled = impute_once(model.imputation, inputs, presence, exclude_groups=data.groups)
     losses = []
     model.train()
     for epoch in range(config.epochs):

@@ -233,6 +233,12 @@ def test_knn_leaves_a_training_rows_own_group_out() -> None:
     assert torch.equal(both[Modality.IMAGE][1:], image[1:])
     with pytest.raises(ValueError, match="exclude_groups has 2 entries for 1 rows"):
         module(row, presence[:1], exclude_groups=["a", "b"])
+    # Filling a whole split once, in chunks, hands each chunk its rows' groups.
+    from mllm_missing.heads import impute_once
+
+    once = impute_once(module, train, presence, chunk=1, exclude_groups=["a", "a", "b", "c"])
+    assert once is not None and torch.equal(once[Modality.IMAGE], both[Modality.IMAGE])
+    assert torch.equal(once[Modality.IMAGE][0], -torch.ones(6))
     # A bank kept without groups (as saved before groups existed) ignores them.
     ungrouped = build_imputation(ImputationConfig("knn", k=1), DIMS)
     ungrouped.fit(train, presence)
