@@ -185,14 +185,15 @@ def _embed_split(split: str, config: QuickstartConfig, encoders: Mapping[str, An
         desc=f"{split} questions",
     )
     columns = dataset.select_columns(["id", "image_id", "text", "label"])[:]
+    image_ids = [str(i) for i in columns["image_id"]]
     return _Split(
         ids=list(columns["id"]),
         embeddings={
-            Modality.IMAGE: images.lookup([str(i) for i in columns["image_id"]]),
+            Modality.IMAGE: images.lookup(image_ids),
             Modality.TEXT: texts.lookup(columns["text"]),
         },
         labels=torch.tensor(columns["label"], dtype=torch.long),
-        groups=[str(i) for i in columns["image_id"]],
+        groups=image_ids,
     )
 
 
