@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --device cpu for a smoke run")
     if args.model == "tiny":
         backbone = load_clip("tiny", model_cfg=TINY_CLIP_CONFIG, device=device)
     else:

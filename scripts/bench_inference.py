@@ -18,11 +18,11 @@ import argparse
 import gc
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from mllm_missing.atomic import atomic_write_text
 from mllm_missing.inference.decoding import StaticDecoder
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -90,8 +90,11 @@ def timed(fn: Any, device: torch.device, repeats: int) -> tuple[float, Any, floa
     return best, out, peak
 
 
-def bench_mode(args: argparse.Namespace, mode: str, device: torch.device) -> list[dict[str, Any]]:
-    """Every batch size of one precision; returns one row per (batch, method)."""
+def bench_mode(
+    args: argparse.Namespace, mode: str, device: torch.device, emit: Any = None
+) -> list[dict[str, Any]]:
+    """Every batch size of one precision; returns one row per (batch, method), handing each to
+    `emit` as soon as it is measured (so a run cut short keeps what it measured)."""
     model = build_model(args.shape, mode, device, args.seed)
     gc.collect()
     if device.type == "cuda":
@@ -155,6 +158,8 @@ def bench_mode(args: argparse.Namespace, mode: str, device: torch.device) -> lis
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
+            if emit is not None:
+                emit(rows[-1])
     del model, decoder
     gc.collect()
     if device.type == "cuda":
@@ -202,21 +207,29 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device; use --device cpu for a smoke run")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows: list[dict[str, Any]] = []
+
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if args.json:  # rewritten after every row: a run cut by its time limit keeps its rows
+            atomic_write_text(args.json, json.dumps({"device": name, "rows": rows}, indent=2))
+
+    failed = []
     for mode in args.modes:
         try:
-            rows += bench_mode(args, mode, device)
+            bench_mode(args, mode, device, emit)
         except Exception as exc:  # one precision failing must not lose the others' figures
+            failed.append(mode)
             print(f"{mode}: failed: {type(exc).__name__}: {exc}", flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"\ndevice: {name}; torch {torch.__version__}; shape {args.shape}; prompt {args.prompt}"
         f" + {args.new} new tokens, greedy\n"
     )
     print(markdown(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=2))
-    return 0
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="ViT-L-14-quickgelu", help="open_clip name or 'tiny'")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--prompt-length", type=int, default=16)
-    parser.add_argument("--prompt-layers", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    parser.add_argument(
+        "--prompt-layers",
+        type=int,
+        nargs="+",
+        help="default: the first 6 blocks (fewer if the tower has fewer)",
+    )
     parser.add_argument("--classes", type=int, default=23)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -65,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --device cpu for a smoke run")
     dtype = torch.bfloat16
     if args.model == "tiny":
         backbone = load_clip("tiny", model_cfg=TINY, device=device, dtype=dtype)
     else:
         backbone = load_clip(args.model, None, device=device, dtype=dtype)
+    if args.prompt_layers is None:
+        args.prompt_layers = list(range(min(6, backbone.num_layers(Modality.IMAGE))))
     size = backbone.model.visual.image_size  # type: ignore[union-attr]
     size = size[0] if isinstance(size, (tuple, list)) else size
     torch.manual_seed(0)
