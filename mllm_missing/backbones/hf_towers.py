@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from mllm_missing.backbones.base import EncoderOutput, LayerPrompts, freeze
 from mllm_missing.backbones.hf import FrozenCausalLM, load_smollm2
 from mllm_missing.backbones.hf_prompting import PromptInjector
 from mllm_missing.backbones.offline import TEXT_ENCODER_NAME
+from mllm_missing.backbones.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from mllm_missing.backbones.vlm import FrozenVLM
 from mllm_missing.errors import MissingDependencyError
 from mllm_missing.types import Modality
@@ -193,13 +195,22 @@ class SentenceEncoderBackbone(_Tower):
     all-MiniLM-L6-v2's Pooling + Normalize modules do). Input-mode prompts are appended after
     the real tokens at the first prompted block and dropped before pooling.
 
+    When the first block with active prompts is k > 0 and nothing below it can train (no
+    trainable parameter, no peft adapter layer), the states entering block k are taken from a
+    `PrefixCache` (computed once per distinct text, by blocks 0..k-1 alone) and only blocks k
+    and above run. Outputs equal the full pass's up to float rounding; the states of padding
+    positions, which nothing attends to, are zeros.
+
     Args:
-        model: a transformers encoder (e.g. ``BertModel``) with blocks at ``model.encoder.layer``.
+        model: a transformers encoder (e.g. ``BertModel``) with blocks at ``model.encoder.layer``
+            after its ``model.embeddings``.
         tokenizer: its tokenizer.
         name: identifier.
         max_length: truncate tokenized texts to this many tokens (sentence-transformers'
             ``max_seq_length``; default: the model's position limit).
         normalize: L2-normalise the pooled embedding.
+        prefix_cache_bytes: bound of the frozen-prefix cache (0: no cache, every call runs
+            every block).
     """
 
     def __init__(
@@ -210,6 +221,7 @@ class SentenceEncoderBackbone(_Tower):
         name: str = TEXT_ENCODER_NAME,
         max_length: int | None = None,
         normalize: bool = True,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ):
         config = model.config
         layers = model.encoder.layer
@@ -219,6 +231,7 @@ class SentenceEncoderBackbone(_Tower):
         self.max_length = max_length or int(config.max_position_embeddings)
         self.normalize = normalize
         self._injector = PromptInjector(config, layers, causal=False)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         freeze(self)
 
     def prepare(self, modality: Modality, raw: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -244,19 +257,91 @@ class SentenceEncoderBackbone(_Tower):
         tensors = {key: self._tensor(value) for key, value in inputs.items()}
         ids = tensors["input_ids"]
         mask = _real_rows(tensors.get("attention_mask", torch.ones_like(ids)))
+        types = tensors.get("token_type_ids")
         self._validate(prompts, ids.shape[0])
-        with self._injector.activate(prompts, mask) as call:
-            output = self.model(
-                input_ids=ids,
-                attention_mask=mask.long(),
-                token_type_ids=tensors.get("token_type_ids"),
-            )
+        start = self._cached_start(prompts)
+        skip: Any = contextlib.nullcontext()
+        if start is not None:
+            skip = self._blocks(start, None, self._prefix_states(start, ids, mask, types))
+        with self._injector.activate(prompts, mask) as call, skip:
+            output = self.model(input_ids=ids, attention_mask=mask.long(), token_type_ids=types)
         tokens = self._injector.strip(call, output.last_hidden_state)
         weights = mask.to(tokens.dtype).unsqueeze(-1)
         pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         if self.normalize:
             pooled = nn.functional.normalize(pooled, p=2, dim=1)
         return EncoderOutput(pooled=pooled, tokens=tokens, mask=mask)
+
+    def _cached_start(self, prompts: LayerPrompts | None) -> int | None:
+        """The first block with active prompts when the blocks below it are frozen and it is not
+        block 0 (where the cache applies), else None."""
+        if self.prefix_cache is None or prompts is None:
+            return None
+        live = [i for i in prompts.layers() if bool(prompts.active(i).any())]
+        if not live or live[0] == 0:
+            return None
+        below = [self.model.embeddings, *list(self.model.encoder.layer)[: live[0]]]
+        for module in below:
+            if any(p.requires_grad for p in module.parameters()):
+                return None
+            if any(type(m).__module__.startswith("peft.") for m in module.modules()):
+                return None  # an adapter may switch per call even when it does not train
+        return live[0]
+
+    def _prefix_states(
+        self,
+        start: int,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        types: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(batch, L, hidden) states entering block `start`: cached per text, the missing ones
+        computed by blocks 0..start-1 alone (once per distinct text); zeros at padding."""
+        assert self.prefix_cache is not None
+        keys: list[Hashable] = []
+        for row in range(ids.shape[0]):
+            real = mask[row]
+            kinds = None if types is None else tuple(types[row, real].tolist())
+            keys.append((start, tuple(ids[row, real].tolist()), kinds))
+        parameter = next(self.parameters())
+        found = self.prefix_cache.lookup(keys, parameter.device, parameter.dtype)
+        todo: dict[Hashable, int] = {}
+        for row, state in enumerate(found):
+            if state is None:
+                todo.setdefault(keys[row], row)
+        if todo:
+            rows = torch.tensor(list(todo.values()), device=ids.device)
+            with torch.no_grad(), self._blocks(0, start, None):
+                output = self.model(
+                    input_ids=ids[rows],
+                    attention_mask=mask[rows].long(),
+                    token_type_ids=None if types is None else types[rows],
+                )
+            computed = {}
+            for j, key in enumerate(todo):
+                computed[key] = output.last_hidden_state[j][mask[rows[j]]]
+                self.prefix_cache.store(key, computed[key])
+            found = [computed[keys[r]] if s is None else s for r, s in enumerate(found)]
+        states = ids.new_zeros((*ids.shape, self.hidden_size(Modality.TEXT)), dtype=parameter.dtype)
+        states[mask] = torch.cat([s for s in found if s is not None])
+        return states
+
+    @contextlib.contextmanager
+    def _blocks(self, first: int, stop: int | None, states: torch.Tensor | None) -> Iterator[None]:
+        """Within the block, model calls run blocks first..stop-1 only, and with `states` the
+        embeddings' output is replaced by them (the states entering block `first`)."""
+        encoder = self.model.encoder
+        layers = encoder.layer
+        handle = None
+        if states is not None:
+            handle = self.model.embeddings.register_forward_hook(lambda *_: states)
+        encoder.layer = nn.ModuleList(list(layers)[first:stop])
+        try:
+            yield
+        finally:
+            encoder.layer = layers
+            if handle is not None:
+                handle.remove()
 
 
 class WhisperEncoderBackbone(_Tower):
