@@ -60,8 +60,8 @@ def make_llama(kv_heads: int = 4, attention: str = "sdpa") -> CausalLMBackbone:
     )
 
 
-def make_bert(attention: str = "sdpa") -> SentenceEncoderBackbone:
-    """A 2-layer BERT tower (hidden 64)."""
+def make_bert(attention: str = "sdpa", layers: int = 2, **kwargs: Any) -> SentenceEncoderBackbone:
+    """A BERT tower of `layers` blocks (hidden 64); `kwargs` go to `SentenceEncoderBackbone`."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -69,12 +69,12 @@ def make_bert(attention: str = "sdpa") -> SentenceEncoderBackbone:
         vocab_size=len(WORDS) + 2,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=64,
     )
     config._attn_implementation = attention
-    return SentenceEncoderBackbone(BertModel(config), make_tokenizer(), name="tiny-bert")
+    return SentenceEncoderBackbone(BertModel(config), make_tokenizer(), name="tiny-bert", **kwargs)
 
 
 def make_whisper(attention: str = "sdpa") -> WhisperEncoderBackbone:

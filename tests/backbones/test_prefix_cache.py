@@ -10,26 +10,14 @@ import torch
 from mllm_missing.backbones.base import LayerPrompts, PromptMode
 from mllm_missing.backbones.hf_towers import SentenceEncoderBackbone
 from mllm_missing.backbones.prefix_cache import PrefixCache
-from tests.backbones.test_hf_towers import TEXT, TEXTS, WORDS, make_bert, make_tokenizer
+from tests.backbones.test_hf_towers import TEXT, TEXTS, make_bert
 
 CPU = torch.device("cpu")
 
 
 def make_deep_bert(**kwargs: Any) -> SentenceEncoderBackbone:
-    """`make_bert` with 4 blocks, so a prompt at block 2 leaves two blocks to the cache."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(WORDS) + 2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    config._attn_implementation = "sdpa"
-    return SentenceEncoderBackbone(BertModel(config), make_tokenizer(), name="bert4", **kwargs)
+    """A 4-block BERT tower, so a prompt at block 2 leaves two blocks to the cache."""
+    return make_bert(layers=4, **kwargs)
 
 
 def prompts(mode: PromptMode, layers: list[int], batch: int, **kw: Any) -> LayerPrompts:
