@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -30,6 +31,7 @@ __all__ = ["make_server", "parse_multipart", "serve"]
 logger = logging.getLogger(__name__)
 
 _FORM_SLACK = 1024 * 1024  # room for the text field and multipart headers
+_DRAIN_BYTES = 16 * 1024 * 1024  # what a refused upload may still send while its answer is read
 
 
 def parse_multipart(content_type: str, body: bytes) -> dict[str, bytes | str]:
@@ -78,6 +80,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, payload: dict[str, Any]) -> None:
         self._send(status, json.dumps(payload).encode(), "application/json")
 
+    def _discard_body(self, length: int) -> None:
+        """Let a refused upload finish sending (read in small chunks and dropped, at most
+        `_DRAIN_BYTES`, 2 s): closing with its bytes unread would reset the connection, and the
+        client would see a broken pipe instead of the answer just sent."""
+        self.wfile.flush()
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(2.0)
+            left = min(length, _DRAIN_BYTES)
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass  # the client went away: nothing left to tell it
+
     def do_GET(self) -> None:
         if self.path in ("/", "/index.html"):
             limit_mb = self.server.session.limits.max_file_bytes / (1024 * 1024)
@@ -101,6 +120,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {"error": f"the upload is too large ({length / 2**20:.1f} MB; each file may be "
                  f"at most {limit / 2**20:g} MB)"},
             )  # fmt: skip
+            self._discard_body(length)
             return
         try:
             fields = parse_multipart(self.headers.get("Content-Type", ""), self.rfile.read(length))
