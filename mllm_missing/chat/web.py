@@ -7,7 +7,8 @@ fields) with the `ChatTurn` as JSON. ``POST /ask?stream=1`` answers the same for
 newline-delimited JSON instead: ``{"piece": ...}`` for each piece of the answer as it is
 generated (a VLM's tokens), then ``{"turn": ...}``, the finished turn; the page uses it to show
 the answer as it is produced. A request body over the session's file limit plus 1 MB is
-refused before it is read, with HTTP 413 and a message the page shows. The server binds to
+refused before it is read, with HTTP 413 and a message the page shows (the rest of the body is
+then drained and dropped, so the client gets the answer, not a reset). The server binds to
 127.0.0.1 unless another host is given; turns run one at a time (the model is not thread-safe).
 """
 
